@@ -1,0 +1,73 @@
+"""Time segmentation of a 512 x 512 image with the shipped cell model.
+
+    python benchmarks/speed.py [--threads 2] [--repeats 10] [--image PATH]
+
+Prints the machine, then the median and minimum wall time of the whole call
+(normalisation, network, post-processing) and of the network and the
+post-processing alone, each over ``--repeats`` runs after one warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_xlstm_unet.inference.postprocess import probabilities_to_labels
+from napari_xlstm_unet.inference.predict import predict_probabilities, segment_image
+from napari_xlstm_unet.io import read_image
+from napari_xlstm_unet.pretrained import load_model
+
+DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "shared/data/microscopy/images/stardist_dsb2018_img2d.tif"
+
+
+def timed(function, repeats: int) -> list[float]:
+    function()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="a 512 x 512 image")
+    parser.add_argument("--model", default="cells", help="shipped model name or checkpoint path")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, device="cpu")
+    image = read_image(args.image).data
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"image: {args.image.name} {image.shape} {image.dtype}; model: {loaded.source}")
+
+    probabilities = predict_probabilities(image, loaded)
+    params = loaded.postprocess
+    rows = {
+        "whole call": timed(lambda: segment_image(image, loaded), args.repeats),
+        "network only": timed(lambda: predict_probabilities(image, loaded), args.repeats),
+        "post-processing only": timed(
+            lambda: probabilities_to_labels(probabilities, params["prob_threshold"], params["min_size"]),
+            args.repeats,
+        ),
+    }
+    for name, seconds in rows.items():
+        print(f"{name:22s} median {statistics.median(seconds):.3f} s   min {min(seconds):.3f} s")
+    objects = int(np.max(segment_image(image, loaded).labels))
+    print(f"objects found: {objects}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,15 @@
+"""Sample data contributed to napari's File > Open Sample menu."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import tifffile
+
+
+def nuclei_sample() -> list[tuple]:
+    """Return the shipped DSB2018 nuclei image as napari layer data."""
+    path = resources.files("napari_xlstm_unet") / "sample_data" / "nuclei_dsb2018.tif"
+    with resources.as_file(path) as file:
+        data = tifffile.imread(file)
+    return [(data, {"name": "nuclei (DSB2018)"}, "image")]

@@ -1,0 +1,161 @@
+"""Sliding-window prediction with overlap and Gaussian blending, in bounded memory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+__all__ = ["Cancelled", "drive", "gaussian_weights", "iter_predict_tiled", "predict_tiled", "tile_starts"]
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+T = TypeVar("T")
+
+
+class Cancelled(Exception):
+    """Raised inside a prediction when the caller asked it to stop."""
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Return window starts covering ``[0, length)`` with windows of ``tile`` pixels.
+
+    Consecutive windows overlap by at least ``overlap * tile`` pixels; the last
+    window ends exactly at ``length``. A side shorter than ``tile`` gets one
+    window at 0.
+    """
+    if length <= tile:
+        return [0]
+    step = max(1, int(tile * (1.0 - overlap)))
+    starts = list(range(0, length - tile, step))
+    starts.append(length - tile)
+    return starts
+
+
+def gaussian_weights(height: int, width: int, sigma_scale: float = 0.125) -> np.ndarray:
+    """Return a (height, width) blending weight peaking at the window centre.
+
+    The standard deviation is ``sigma_scale`` times each side; weights are
+    clipped below at 1e-3 of the peak, so borders still count where only one
+    window covers a pixel.
+    """
+    def axis(n: int) -> np.ndarray:
+        sigma = max(n * sigma_scale, 1e-6)
+        coords = np.arange(n, dtype=np.float32) - (n - 1) / 2
+        return np.exp(-0.5 * (coords / sigma) ** 2)
+
+    weights = np.outer(axis(height), axis(width))
+    weights /= weights.max()
+    return np.maximum(weights, 1e-3).astype(np.float32)
+
+
+def iter_predict_tiled(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    num_classes: int,
+    tile_size: int = 512,
+    overlap: float = 0.125,
+    device: torch.device | str = "cpu",
+) -> Generator[tuple[int, int], None, np.ndarray]:
+    """Predict window by window, yielding ``(done, total)`` after each window.
+
+    The generator's return value (``StopIteration.value``) is the blended
+    probability map; see :func:`predict_tiled` for the parameters. Stopping
+    the iteration early (a cancel) leaves nothing behind.
+    """
+    if not 0.0 <= overlap <= 0.9:
+        raise ValueError(f"overlap must be a fraction in [0, 0.9], got {overlap}")
+    if tile_size < 16:
+        raise ValueError(f"tile_size must be at least 16 pixels, got {tile_size}")
+    _, height, width = image.shape
+    tile_h, tile_w = min(tile_size, height), min(tile_size, width)
+    windows = [
+        (y, x)
+        for y in tile_starts(height, tile_size, overlap)
+        for x in tile_starts(width, tile_size, overlap)
+    ]
+    if len(windows) > 1:
+        weights = gaussian_weights(tile_h, tile_w)
+    else:
+        weights = np.ones((tile_h, tile_w), np.float32)
+
+    probabilities = np.zeros((num_classes, height, width), dtype=np.float32)
+    weight_sum = np.zeros((height, width), dtype=np.float32)
+    for index, (y, x) in enumerate(windows):
+        tile = torch.from_numpy(np.ascontiguousarray(image[:, y:y + tile_h, x:x + tile_w]))
+        with torch.inference_mode():
+            logits = model(tile.unsqueeze(0).to(device))  # (1, K, tile_h, tile_w)
+            tile_prob = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+        probabilities[:, y:y + tile_h, x:x + tile_w] += tile_prob * weights
+        weight_sum[y:y + tile_h, x:x + tile_w] += weights
+        yield index + 1, len(windows)
+
+    probabilities /= weight_sum
+    return probabilities
+
+
+def drive(
+    steps: Generator[tuple[int, int], None, T],
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> T:
+    """Run a progress generator to its end and return its value.
+
+    ``progress(done, total)`` is called after each step; when ``should_stop()``
+    returns True between steps, :class:`Cancelled` is raised.
+    """
+    while True:
+        if should_stop is not None and should_stop():
+            steps.close()
+            raise Cancelled("cancelled by the caller")
+        try:
+            done, total = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(done, total)
+
+
+def predict_tiled(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    num_classes: int,
+    tile_size: int = 512,
+    overlap: float = 0.125,
+    device: torch.device | str = "cpu",
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Predict class probabilities for a whole image, window by window.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Network in eval mode returning logits of shape (1, num_classes, h, w).
+    image : numpy.ndarray, shape (C, H, W), float32
+        Normalised input.
+    num_classes : int
+        Output channels of the network.
+    tile_size : int
+        Window side in pixels. Images no larger than this run in one pass.
+    overlap : float
+        Fraction of a window shared with its neighbour, in [0, 0.9].
+    device : torch.device or str
+        Where the network runs.
+    progress : callable, optional
+        Called as ``progress(done, total)`` after each window.
+    should_stop : callable, optional
+        Checked before each window; when it returns True, :class:`Cancelled`
+        is raised and nothing is returned.
+
+    Returns
+    -------
+    numpy.ndarray, shape (num_classes, H, W), float32
+        Softmax probabilities, blended where windows overlap.
+    """
+    steps = iter_predict_tiled(model, image, num_classes, tile_size, overlap, device)
+    return drive(steps, progress, should_stop)

@@ -1,0 +1,169 @@
+"""Checkpoint files: weights plus everything needed to use them, loaded without pickle code.
+
+A checkpoint is a ``torch.save`` dictionary of tensors and plain Python values,
+read back with ``torch.load(weights_only=True)`` so that opening a file never
+runs code from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .unet import XLSTMUNet, build_model
+
+__all__ = ["CHECKPOINT_FORMAT", "LoadedModel", "load_checkpoint", "save_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "napari-xlstm-unet/1"
+
+DEFAULT_NORMALIZATION = {"kind": "percentile", "low": 1.0, "high": 99.8}
+DEFAULT_POSTPROCESS = {"prob_threshold": 0.5, "min_size": 16}
+
+
+@dataclass
+class LoadedModel:
+    """A network in eval mode together with the metadata of its checkpoint.
+
+    Attributes
+    ----------
+    model : XLSTMUNet
+        The network, on the CPU unless moved.
+    config : ModelConfig
+        Its shape.
+    task : str
+        ``"cells"`` (3 classes turned into instances) or ``"semantic"``.
+    class_names : list of str
+        Meaning of each output channel, background first.
+    normalization : dict
+        Input normalisation: ``{"kind": "percentile", "low": 1.0, "high": 99.8}``.
+    postprocess : dict
+        Post-processing parameters, for cells ``prob_threshold`` and ``min_size``.
+    model_card : dict
+        Free-form description: data, command, date, metrics.
+    source : str
+        Path the checkpoint was read from.
+    """
+
+    model: XLSTMUNet
+    config: ModelConfig
+    task: str = "cells"
+    class_names: list[str] = field(default_factory=lambda: ["background", "interior", "boundary"])
+    normalization: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
+    postprocess: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_POSTPROCESS))
+    model_card: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def save_checkpoint(path: str | os.PathLike, loaded: LoadedModel, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``loaded`` to ``path`` atomically (temporary file, then rename).
+
+    Parameters
+    ----------
+    path : path-like
+        Destination file, conventionally ``*.pt``.
+    loaded : LoadedModel
+        Network and metadata to store.
+    extra : dict, optional
+        More plain values or tensors to store, for example optimiser state.
+
+    Returns
+    -------
+    pathlib.Path
+        The written path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()},
+        "model_config": loaded.config.to_dict(),
+        "task": loaded.task,
+        "class_names": list(loaded.class_names),
+        "normalization": dict(loaded.normalization),
+        "postprocess": dict(loaded.postprocess),
+        "model_card": dict(loaded.model_card),
+    }
+    if extra:
+        payload.update(extra)
+
+    handle, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(payload, tmp_name)
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    logger.info("saved checkpoint %s", path)
+    return path
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt files
+        raise ValueError(
+            f"{path} is not a readable napari-xlstm-unet checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); "
+            "choose a .pt file written by the training script"
+        ) from error
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(
+            f"{path} is not a napari-xlstm-unet checkpoint: expected format "
+            f"{CHECKPOINT_FORMAT!r}, found {found!r}; choose a .pt file written by the training script"
+        )
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Read a checkpoint and rebuild its network in eval mode.
+
+    Parameters
+    ----------
+    path : path-like
+        A file written by :func:`save_checkpoint`.
+    device : str or torch.device
+        Where to put the network. Weights are always read onto the CPU first,
+        so a file saved on a GPU opens on a CPU-only machine.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If the file is not a readable checkpoint of this package, or its
+        weights do not fit its stored configuration.
+    """
+    path = Path(path)
+    payload = _read_payload(path)
+    config = ModelConfig.from_dict(payload["model_config"])
+    model = build_model(config)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(
+            f"weights in {path} do not fit its model config {config}: {error}"
+        ) from error
+    model.to(device).eval()
+    return LoadedModel(
+        model=model,
+        config=config,
+        task=payload.get("task", "cells"),
+        class_names=list(payload.get("class_names", [])),
+        normalization=dict(payload.get("normalization", DEFAULT_NORMALIZATION)),
+        postprocess=dict(payload.get("postprocess", DEFAULT_POSTPROCESS)),
+        model_card=dict(payload.get("model_card", {})),
+        source=str(path),
+    )

@@ -1,0 +1,144 @@
+"""Segment dock widget: a thin shell over :func:`~napari_xlstm_unet.inference.predict.iter_segment_image`.
+
+The network runs in a napari ``thread_worker``. Progress arrives after each
+sliding window, and Cancel stops the worker at the next window, so the
+viewer stays responsive and a cancelled run adds no layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, create_widget
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["SegmentWidget", "layer_to_array", "labels_layer_kwargs"]
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_CHOICE = "cells (shipped default)"
+FILE_CHOICE = "checkpoint file…"
+
+
+def layer_to_array(layer: napari.layers.Image) -> tuple[np.ndarray, bool]:
+    """Return a napari Image layer's pixels as a NumPy array and whether it has alpha.
+
+    Multiscale layers give their full-resolution level. RGB layers keep their
+    channel-last layout; an RGBA layer reports ``has_alpha``.
+    """
+    data = layer.data[0] if layer.multiscale else layer.data
+    array = np.asarray(data)
+    has_alpha = bool(layer.rgb and array.shape[-1] == 4)
+    return array, has_alpha
+
+
+def labels_layer_kwargs(image_layer: napari.layers.Image) -> dict:
+    """Return name, scale and translate for a Labels layer that overlays ``image_layer``."""
+    spatial = 2
+    return {
+        "name": f"{image_layer.name}_labels",
+        "scale": tuple(image_layer.scale[-spatial:]),
+        "translate": tuple(image_layer.translate[-spatial:]),
+    }
+
+
+class SegmentWidget(Container):
+    """Dock widget: pick an Image layer and a model, press Run, get a Labels layer."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        import napari.layers
+
+        self._viewer = viewer
+        self._worker = None
+        self._image = create_widget(annotation=napari.layers.Image, label="Image")
+        self._model = ComboBox(label="Model", choices=[SHIPPED_CHOICE, FILE_CHOICE], value=SHIPPED_CHOICE)
+        self._checkpoint = FileEdit(label="Checkpoint", mode="r", filter="*.pt", visible=False)
+        self._run = PushButton(text="Run")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
+        self._status = Label(label="Status", value="ready")
+        self.extend([self._image, self._model, self._checkpoint, self._run, self._cancel,
+                     self._progress, self._status])
+
+        self._model.changed.connect(self._on_model_changed)
+        self._run.changed.connect(self.run)
+        self._cancel.changed.connect(self.cancel)
+        viewer.layers.events.inserted.connect(self._image.reset_choices)
+        viewer.layers.events.removed.connect(self._image.reset_choices)
+
+    def _on_model_changed(self, value: str) -> None:
+        self._checkpoint.visible = value == FILE_CHOICE
+
+    def _model_spec(self) -> str:
+        if self._model.value == SHIPPED_CHOICE:
+            return "cells"
+        path = self._checkpoint.value
+        if path is None or not str(path) or str(path) == ".":
+            raise ValueError("no checkpoint file chosen; pick a .pt file or the shipped model")
+        return str(path)
+
+    def run(self) -> None:
+        """Start segmenting the chosen layer in a background thread."""
+        from napari.qt.threading import thread_worker
+        from napari.utils.notifications import show_error
+
+        layer = self._image.value
+        if layer is None:
+            show_error("No Image layer chosen: open an image, then press Run.")
+            return
+        try:
+            model_spec = self._model_spec()
+        except ValueError as error:
+            show_error(str(error))
+            return
+        image, has_alpha = layer_to_array(layer)
+        layer_kwargs = labels_layer_kwargs(layer)
+
+        worker = thread_worker(_segment_steps)(image, model_spec, has_alpha)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(lambda labels: self._add_labels(labels, layer_kwargs))
+        worker.errored.connect(lambda error: show_error(f"Segmentation failed: {error}"))
+        worker.aborted.connect(lambda: self._set_status("cancelled; no layer added"))
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._run.enabled, self._cancel.enabled = False, True
+        self._progress.value = 0
+        self._set_status(f"segmenting {layer.name}…")
+        worker.start()
+
+    def cancel(self) -> None:
+        """Ask the running worker to stop after the current window."""
+        if self._worker is not None:
+            self._set_status("cancelling…")
+            self._worker.quit()
+
+    def _on_progress(self, step: tuple[int, int]) -> None:
+        done, total = step
+        self._progress.max = total
+        self._progress.value = done
+
+    def _add_labels(self, labels: np.ndarray, layer_kwargs: dict) -> None:
+        self._viewer.add_labels(labels, **layer_kwargs)
+        self._set_status(f"{int(labels.max())} objects")
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self._run.enabled, self._cancel.enabled = True, False
+
+    def _set_status(self, text: str) -> None:
+        self._status.value = text
+
+
+def _segment_steps(image: np.ndarray, model_spec: str, has_alpha: bool):
+    """Worker body: load the model (cached), yield (done, total), return labels."""
+    from ..inference.predict import iter_segment_image
+    from ..pretrained import load_model
+
+    loaded = load_model(model_spec)
+    result = yield from iter_segment_image(image, loaded, has_alpha=has_alpha)
+    return result.labels

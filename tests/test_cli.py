@@ -1,0 +1,88 @@
+"""The command line: segment folders, evaluate against ground truth."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import CASES, DATA
+from napari_xlstm_unet.cli import main
+from napari_xlstm_unet.io import read_image
+
+SAMPLE = DATA / "microscopy" / "images" / "dsb2018s1test_191b2b2205f2.tif"
+
+
+def test_segment_writes_labels_per_input(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(SAMPLE, inputs / "a.tif")
+    shutil.copy(CASES / "BR-21" / "br21_scaled_imagej.tif", inputs / "b.tif")
+    out = tmp_path / "out"
+
+    assert main(["segment", str(inputs), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.tif", "b_labels.tif"]
+    labels = read_image(out / "a_labels.tif")
+    assert labels.data.shape == tifffile.imread(SAMPLE).shape
+    assert labels.data.dtype == np.uint16
+    assert labels.data.max() > 0
+    assert read_image(out / "b_labels.tif").resolution == (2.0, 2.0)
+
+
+def test_segment_keeps_existing_outputs(tmp_path, capsys):
+    folder = tmp_path / "données é"
+    shutil.copytree(CASES / "BR-25" / "br25_naming" / "données é", folder)
+    before = tifffile.imread(folder / "sample_labels.tif")
+
+    assert main(["segment", str(folder), "--out", str(folder)]) == 0
+    after = tifffile.imread(folder / "sample_labels.tif")
+    np.testing.assert_array_equal(before, after)  # still all 7
+    names = sorted(p.name for p in folder.iterdir())
+    assert "细胞 α_labels.tif" in names
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_segment_reports_bad_file_and_continues(tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "broken.tif").write_bytes(b"not a tiff")
+    shutil.copy(SAMPLE, inputs / "good.tif")
+    out = tmp_path / "out"
+    assert main(["segment", str(inputs), "--out", str(out)]) == 1
+    assert (out / "good_labels.tif").is_file()
+    assert "broken.tif" in capsys.readouterr().err
+
+
+def test_segment_unknown_model_is_clear_error(tmp_path, capsys):
+    assert main(["segment", str(SAMPLE), "--out", str(tmp_path), "--model", "nope.pt"]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+
+
+def test_evaluate_matches_stems_and_writes_csv(tmp_path):
+    gt = tmp_path / "gt"
+    pred = tmp_path / "pred"
+    gt.mkdir()
+    pred.mkdir()
+    truth = np.zeros((40, 40), np.uint16)
+    truth[5:15, 5:15] = 1
+    truth[20:30, 20:30] = 2
+    tifffile.imwrite(gt / "img1.tif", truth)
+    tifffile.imwrite(pred / "img1_labels.tif", truth)
+    half = truth.copy()
+    half[20:30, 20:30] = 0
+    tifffile.imwrite(gt / "img2.tif", truth)
+    tifffile.imwrite(pred / "img2_labels.tif", half)
+
+    csv_path = tmp_path / "scores.csv"
+    assert main(["evaluate", str(pred), str(gt), "--csv", str(csv_path)]) == 0
+    with open(csv_path) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["name"] for r in rows] == ["img1", "img2"]
+    assert {"name", "precision", "recall", "f1"} <= set(rows[0])
+    assert float(rows[0]["f1"]) == 1.0
+    assert float(rows[1]["f1"]) == pytest.approx(2 / 3)
+    assert float(rows[1]["precision"]) == 1.0
+    assert float(rows[1]["recall"]) == 0.5

@@ -1,0 +1,128 @@
+"""Instance matching and F1, with hand-made tables and the shared cases BR-14 and BR-16."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from scipy import ndimage as ndi
+
+from conftest import CASES
+from napari_xlstm_unet.metrics import iou_matrix, match_instances, mean_scores
+
+
+def test_iou_matrix_exact():
+    true = np.array([[1, 1, 0, 0], [1, 1, 0, 2]])
+    pred = np.array([[1, 1, 1, 0], [0, 0, 0, 2]])
+    # true 1 (4 px) vs pred 1 (3 px): overlap 2, union 5; true 2 vs pred 2: 1/1.
+    np.testing.assert_allclose(iou_matrix(true, pred), [[0.4, 0.0], [0.0, 1.0]])
+
+
+def test_one_to_one_matching_counts():
+    true = np.zeros((20, 20), int)
+    true[2:8, 2:8] = 1
+    true[10:16, 10:16] = 2
+    pred = np.zeros_like(true)
+    pred[2:8, 2:8] = 5  # exact match
+    pred[10:13, 10:16] = 7  # half of object 2: IoU 0.5, a hit at 0.5
+    pred[13:16, 10:16] = 8  # the other half: no partner left
+    result = match_instances(true, pred, 0.5, border_width=0)
+    assert (result.tp, result.fp, result.fn) == (2, 1, 0)
+    assert result.precision == pytest.approx(2 / 3)
+    assert result.recall == 1.0
+    assert result.f1 == pytest.approx(0.8)
+
+    strict = match_instances(true, pred, 0.6, border_width=0)
+    assert (strict.tp, strict.fp, strict.fn) == (1, 2, 1)
+
+
+def test_border_objects_removed_by_default():
+    true = np.zeros((20, 20), int)
+    true[0:4, 5:9] = 1  # touches the top edge
+    true[8:12, 8:12] = 2
+    pred = np.zeros_like(true)
+    pred[8:12, 8:12] = 1
+    assert match_instances(true, pred).f1 == 1.0
+    kept = match_instances(true, pred, border_width=0)
+    assert (kept.tp, kept.fn) == (1, 1)
+
+
+def test_border_band_is_two_pixels_wide():
+    true = np.zeros((20, 20), int)
+    true[2:5, 8:11] = 1  # starts at row 2: outside a 2-pixel band
+    true[1:4, 14:17] = 2  # reaches row 1: inside the band
+    result = match_instances(true, true)
+    assert result.n_true == 1
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="differ in shape"):
+        match_instances(np.zeros((4, 4), int), np.zeros((4, 5), int))
+
+
+def test_float_labels_rejected():
+    with pytest.raises(TypeError, match="integer label image"):
+        match_instances(np.zeros((4, 4)), np.zeros((4, 4), int))
+
+
+BR14_FILES = {"empty": "br14_empty.tif", "one": "br14_one.tif", "two": "br14_two.tif"}
+
+
+@pytest.mark.parametrize(
+    "pair", ["gt=empty,pred=one", "gt=one,pred=empty", "gt=one,pred=one", "gt=two,pred=one"]
+)
+def test_br14_empty_cases(pair):
+    expected = json.loads((CASES / "BR-14" / "expected.json").read_text())["pairs"][pair]
+    gt_key, pred_key = (part.split("=")[1] for part in pair.split(","))
+    true = tifffile.imread(CASES / "BR-14" / BR14_FILES[gt_key])
+    pred = tifffile.imread(CASES / "BR-14" / BR14_FILES[pred_key])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = match_instances(true, pred)
+    for key in ("n_true", "n_pred", "tp", "fp", "fn"):
+        json_key = "n_gt" if key == "n_true" else key
+        assert getattr(result, key) == expected[json_key], key
+    for key in ("precision", "recall", "f1"):
+        assert getattr(result, key) == pytest.approx(expected[key]), key
+
+
+def test_br14_empty_vs_empty_is_true_negative():
+    convention = json.loads((CASES / "BR-14" / "expected.json").read_text())["gt=empty,pred=empty_convention"]
+    empty = tifffile.imread(CASES / "BR-14" / "br14_empty.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = match_instances(empty, empty)
+    assert result.f1 == convention["true_negative_convention"]
+    assert (result.tp, result.fp, result.fn) == (0, 0, 0)
+
+
+def test_br14_folder_mean_is_finite():
+    images = {k: tifffile.imread(CASES / "BR-14" / v) for k, v in BR14_FILES.items()}
+    results = [match_instances(images[a], images[b]) for a in images for b in images]
+    means = mean_scores(results)
+    assert all(math.isfinite(v) for v in means.values())
+
+
+def test_br16_binary_gt_merges_touching_cells():
+    expected = json.loads((CASES / "BR-16" / "expected.json").read_text())
+    binary = np.asarray(Image.open(CASES / "BR-16" / "br16_gt_binary_0_255.png"))
+    instances = tifffile.imread(CASES / "BR-16" / "br16_gt_instances.tif")
+    pred = tifffile.imread(CASES / "BR-16" / "br16_pred_two_objects.tif")
+
+    binary_labels, n_components = ndi.label(binary > 0)
+    assert n_components == expected["binary_gt_connected_components"]
+
+    for true, key in [(binary_labels, "metric_binary_gt_vs_two_object_pred"),
+                      (instances, "metric_instance_gt_vs_two_object_pred")]:
+        result = match_instances(true, pred)
+        values = expected[key]
+        assert (result.n_true, result.n_pred) == (values["n_gt"], values["n_pred"])
+        assert (result.tp, result.fp, result.fn) == (values["tp"], values["fp"], values["fn"])
+        assert result.precision == pytest.approx(values["precision"])
+        assert result.recall == pytest.approx(values["recall"])
+        assert result.f1 == pytest.approx(values["f1"])

@@ -1,0 +1,110 @@
+"""Sliding-window prediction: exact stitching, seams (case BR-08), sizes (case BR-09)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from conftest import CASES
+from napari_xlstm_unet.inference.predict import segment_image
+from napari_xlstm_unet.inference.tiling import Cancelled, gaussian_weights, predict_tiled, tile_starts
+from napari_xlstm_unet.metrics import match_instances
+from napari_xlstm_unet.model import build_model
+from napari_xlstm_unet.model.checkpoint import LoadedModel
+
+
+class LogModel(torch.nn.Module):
+    """Returns log(x), so softmax gives back an input that already sums to 1."""
+
+    def forward(self, x):
+        return torch.log(x)
+
+
+class ThresholdModel(torch.nn.Module):
+    """Interior where the normalised image is bright, background elsewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+
+    def forward(self, x):
+        bright = 20.0 * (x[:, :1] - 0.5)
+        return torch.cat([-bright, bright, torch.full_like(bright, -30.0)], dim=1)
+
+
+def test_tile_starts_cover_and_end_at_edge():
+    assert tile_starts(100, 128, 0.25) == [0]
+    assert tile_starts(128, 128, 0.25) == [0]
+    assert tile_starts(300, 128, 0.25) == [0, 96, 172]
+    assert tile_starts(300, 128, 0.0) == [0, 128, 172]
+
+
+def test_gaussian_weights_peak_and_floor():
+    weights = gaussian_weights(9, 9)
+    assert weights[4, 4] == pytest.approx(1.0)
+    assert weights.min() >= 1e-3
+    assert weights.shape == (9, 9)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
+def test_identity_predictor_is_stitched_exactly(overlap):
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(0.1, 1.0, (3, 100, 130)).astype(np.float32)
+    probabilities = raw / raw.sum(axis=0, keepdims=True)
+    result = predict_tiled(LogModel(), probabilities, 3, tile_size=32, overlap=overlap)
+    np.testing.assert_allclose(result, probabilities, rtol=1e-5, atol=1e-6)
+
+
+def test_progress_reports_every_window_and_cancel_stops():
+    image = np.full((3, 64, 64), 1 / 3, dtype=np.float32)
+    seen = []
+    predict_tiled(LogModel(), image, 3, tile_size=32, overlap=0.0, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+    calls = []
+    with pytest.raises(Cancelled):
+        predict_tiled(LogModel(), image, 3, tile_size=32, overlap=0.0,
+                      progress=lambda d, t: calls.append(d), should_stop=lambda: len(calls) >= 2)
+    assert calls == [1, 2]
+
+
+def stub_model():
+    from napari_xlstm_unet.model import ModelConfig
+
+    config = ModelConfig(in_channels=1, widths=(4, 8), strides=(1, 2), encoder_blocks=(1, 1),
+                         decoder_blocks=(1,), xlstm="none")
+    return LoadedModel(model=ThresholdModel(), config=config,
+                       postprocess={"prob_threshold": 0.5, "min_size": 0})
+
+
+def test_br08_objects_on_seams_are_not_split():
+    expected = json.loads((CASES / "BR-08" / "expected.json").read_text())
+    image = tifffile.imread(CASES / "BR-08" / "br08_seams_1024.tif")
+    truth = tifffile.imread(CASES / "BR-08" / "br08_gt_labels.tif")
+    loaded = stub_model()
+
+    tiled = segment_image(image, loaded, tile_size=256, overlap=0.125).labels
+    untiled = segment_image(image, loaded, tile_size=2048).labels
+
+    assert tiled.max() == expected["n_objects"]
+    tiled_score = match_instances(truth, tiled, border_width=0)
+    untiled_score = match_instances(truth, untiled, border_width=0)
+    assert tiled_score.f1 == expected["F1_vs_gt_with_threshold_stub_model"]
+    assert tiled_score.f1 == untiled_score.f1
+    # Each true object is covered by exactly one predicted label.
+    for label in range(1, int(truth.max()) + 1):
+        assert len(np.unique(tiled[(truth == label) & (tiled > 0)])) == 1
+
+
+@pytest.mark.parametrize("name", ["br09_250x333.tif", "br09_31x1024.tif", "br09_7x7.tif", "br09_1x1.tif"])
+def test_br09_any_size_keeps_shape(name, tiny_config):
+    expected = json.loads((CASES / "BR-09" / "expected.json").read_text())["output_shape_equals_input_shape"]
+    image = tifffile.imread(CASES / "BR-09" / name)
+    loaded = LoadedModel(model=build_model(tiny_config).eval(), config=tiny_config)
+    labels = segment_image(image, loaded, tile_size=256).labels
+    assert list(labels.shape) == expected[name]
+    assert labels.dtype == np.uint16

@@ -1,0 +1,98 @@
+"""The Segment dock widget in a real napari viewer."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import CASES
+
+pytestmark = pytest.mark.napari
+
+
+@pytest.fixture
+def widget_and_viewer(make_napari_viewer):
+    from napari_xlstm_unet.widgets import SegmentWidget
+
+    viewer = make_napari_viewer()
+    return SegmentWidget(viewer), viewer
+
+
+def test_segment_widget_adds_scaled_labels(widget_and_viewer, qtbot):
+    from napari.layers import Labels
+
+    from napari_xlstm_unet.inference.predict import segment_image
+    from napari_xlstm_unet.pretrained import load_model
+
+    widget, viewer = widget_and_viewer
+    meta = json.loads((CASES / "BR-21" / "br21_layer_meta.json").read_text())
+    expected = json.loads((CASES / "BR-21" / "expected.json").read_text())
+    image = tifffile.imread(CASES / "BR-21" / "br21_scaled_imagej.tif")
+    layer = viewer.add_image(image, name="scaled", scale=meta["scale"], translate=meta["translate"])
+
+    widget._image.value = layer
+    widget.run()
+    qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=60_000)
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=10_000)
+
+    labels = viewer.layers[-1]
+    assert isinstance(labels, Labels)
+    assert labels.name == "scaled_labels"
+    assert list(labels.data.shape) == expected["labels_layer_shape"]
+    assert list(labels.scale) == expected["labels_layer_scale"]
+    assert list(labels.translate) == expected["labels_layer_translate"]
+    assert labels.data.max() > 0
+    # The widget returns what the plain function returns.
+    direct = segment_image(image, load_model("cells")).labels
+    np.testing.assert_array_equal(labels.data, direct)
+    assert widget._run.enabled and not widget._cancel.enabled
+
+
+def test_cancel_stops_without_adding_layer(widget_and_viewer, qtbot):
+    widget, viewer = widget_and_viewer
+    rng = np.random.default_rng(0)
+    layer = viewer.add_image(rng.integers(0, 255, (2048, 2048), dtype=np.uint8), name="large")
+    widget._image.value = layer
+
+    widget.run()
+    qtbot.waitUntil(lambda: widget._progress.value >= 1, timeout=60_000)
+    start = time.perf_counter()
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=20_000)
+    assert time.perf_counter() - start < 10
+    assert len(viewer.layers) == 1
+    assert widget._progress.value < widget._progress.max
+    assert "cancelled" in widget._status.value
+
+
+def test_missing_checkpoint_shows_error_and_keeps_running_state(widget_and_viewer, monkeypatch):
+    from napari_xlstm_unet.widgets import _segment
+
+    widget, viewer = widget_and_viewer
+    viewer.add_image(np.zeros((32, 32), np.uint8), name="blank")
+    messages = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", messages.append)
+    widget._model.value = _segment.FILE_CHOICE
+    assert not widget._checkpoint.native.isHidden()
+    widget.run()
+    assert messages and "checkpoint" in messages[0]
+    assert widget._worker is None
+    assert len(viewer.layers) == 1
+
+
+def test_dock_widget_from_manifest(make_napari_viewer):
+    from napari_xlstm_unet.widgets import SegmentWidget
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-xlstm-unet", "Segment")
+    assert isinstance(widget, SegmentWidget)
+
+
+def test_sample_data_opens(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-xlstm-unet", "nuclei")
+    assert viewer.layers[0].data.shape == (520, 348)
