@@ -73,7 +73,7 @@ def test_evaluate_matches_stems_and_writes_csv(tmp_path):
     tifffile.imwrite(pred / "img1_labels.tif", truth)
     half = truth.copy()
     half[20:30, 20:30] = 0
-    tifffile.imwrite(gt / "img2.tif", truth)
+    tifffile.imwrite(gt / "img2_label.tif", truth)  # the NeurIPS challenge's naming
     tifffile.imwrite(pred / "img2_labels.tif", half)
 
     csv_path = tmp_path / "scores.csv"

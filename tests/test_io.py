@@ -47,12 +47,35 @@ def test_br21_resolution_survives_round_trip(tmp_path):
     assert back.resolution_unit == "um"
 
 
-def test_uint32_labels_keep_resolution(tmp_path):
+def test_uint32_labels_keep_resolution_in_centimetres(tmp_path):
+    # ImageJ TIFFs cannot hold uint32, so 2 pixels per micron become 20,000 per cm.
     labels = np.full((4, 4), 70000, dtype=np.uint32)
     path = write_labels(tmp_path / "big.tif", labels, (2.0, 2.0), "um")
     back = read_image(path)
     assert back.data.dtype == np.uint32
-    assert back.resolution == (2.0, 2.0)
+    assert back.resolution == (20000.0, 20000.0)
+    assert back.resolution_unit == "CENTIMETER"
+
+
+def test_written_files_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = write_labels(tmp_path / "perm.tif", np.zeros((2, 2), np.uint16))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_two_channel_tiff_is_not_alpha(tmp_path):
+    data = np.zeros((16, 16, 2), np.uint16)
+    tifffile.imwrite(tmp_path / "two.tif", data, photometric="minisblack", planarconfig="contig")
+    assert not read_image(tmp_path / "two.tif").has_alpha
+    tifffile.imwrite(tmp_path / "rgba.tif", np.zeros((16, 16, 4), np.uint8), photometric="rgb",
+                     extrasamples=["unassalpha"])
+    assert read_image(tmp_path / "rgba.tif").has_alpha
 
 
 def test_png_alpha_detected():

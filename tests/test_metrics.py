@@ -60,6 +60,21 @@ def test_border_band_is_two_pixels_wide():
     assert result.n_true == 1
 
 
+def test_border_removal_drops_whole_id():
+    true = np.zeros((20, 20), int)
+    true[0:3, 2:5] = 1  # one id in two pieces: one on the edge, one inside
+    true[10:13, 10:13] = 1
+    true[6:9, 6:9] = 2
+    result = match_instances(true, true)
+    assert result.n_true == 1
+
+
+def test_tiny_images_do_not_fail():
+    one = np.ones((1, 1), int)
+    assert match_instances(one, one).f1 == 1.0  # all objects lie in the band
+    assert match_instances(one, one, border_width=0).tp == 1
+
+
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="differ in shape"):
         match_instances(np.zeros((4, 4), int), np.zeros((4, 5), int))

@@ -108,3 +108,42 @@ def test_br09_any_size_keeps_shape(name, tiny_config):
     labels = segment_image(image, loaded, tile_size=256).labels
     assert list(labels.shape) == expected[name]
     assert labels.dtype == np.uint16
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ((256, 256), (1, 256, 256)),
+        ((1, 256, 256), (1, 256, 256)),
+        ((256, 256, 1), (1, 256, 256)),
+        ((1, 1, 256, 256), (1, 256, 256)),
+        ((256, 256, 3), (3, 256, 256)),
+        ((2, 256, 256), (2, 256, 256)),
+        ((1, 1, 3), (3, 1, 1)),
+        ((1, 1), (1, 1, 1)),
+    ],
+)
+def test_channel_layouts(shape, expected):
+    from napari_xlstm_unet.inference.normalize import to_channels_first
+
+    assert to_channels_first(np.zeros(shape)).shape == expected
+
+
+def test_stack_is_rejected_with_shape():
+    from napari_xlstm_unet.inference.normalize import to_channels_first
+
+    with pytest.raises(ValueError, match=r"\(5, 64, 64\)"):
+        to_channels_first(np.zeros((5, 64, 64)))
+
+
+def test_constant_and_nonfinite_images_normalise_to_finite():
+    from napari_xlstm_unet.inference.normalize import normalize_percentile
+
+    constant = normalize_percentile(np.full((1, 8, 8), 1000.0))
+    assert np.array_equal(constant, np.zeros((1, 8, 8), np.float32))
+    noisy = np.arange(64, dtype=np.float32).reshape(1, 8, 8)
+    noisy[0, 0, 0] = np.nan
+    noisy[0, 1, 1] = np.inf
+    result = normalize_percentile(noisy)
+    assert np.isfinite(result).all()
+    assert result[0, 0, 0] == 0.0

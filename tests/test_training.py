@@ -32,7 +32,9 @@ def test_targets_of_two_touching_rectangles():
     # The shared wall (columns 6 and 7) and one pixel either side are boundary.
     assert (classes[1:9, 5:9] == 2).all()
     # Dilation by the radius-1 disk reaches edge neighbours but not corners.
-    assert classes[0, 0] == 0 and classes[0, 1] == 2 and classes[1, 0] == 2
+    assert classes[0, 0] == 0
+    assert classes[0, 1] == 2
+    assert classes[1, 0] == 2
     assert (classes[:, 13] == 2).sum() == 8
 
 

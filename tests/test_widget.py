@@ -96,3 +96,25 @@ def test_sample_data_opens(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open_sample("napari-xlstm-unet", "nuclei")
     assert viewer.layers[0].data.shape == (520, 348)
+
+
+def test_stack_layer_reports_error(widget_and_viewer, monkeypatch):
+    widget, viewer = widget_and_viewer
+    layer = viewer.add_image(np.zeros((3, 32, 32), np.uint16), name="stack")
+    widget._image.value = layer
+    messages = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", messages.append)
+    widget.run()
+    assert widget._worker is None
+    assert "(3, 32, 32)" in messages[0]
+    assert "stack" in messages[0]
+
+
+def test_singleton_leading_axis_layer_segments(widget_and_viewer, qtbot):
+    widget, viewer = widget_and_viewer
+    data = np.load(CASES / "BR-03" / "br03_1yx_layer_data.npy")
+    assert data.shape[0] == 1
+    widget._image.value = viewer.add_image(data, name="projection")
+    widget.run()
+    qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=60_000)
+    assert viewer.layers[-1].data.shape == data.shape[1:]

@@ -45,7 +45,12 @@ def main() -> int:
         n_test = max(1, round(TEST_FRACTION * len(names)))
         n_val = max(1, round(VAL_FRACTION * len(names))) if len(names) > 2 else 0
         for rank, index in enumerate(order):
-            split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+            if rank < n_test:
+                split = "test"
+            elif rank < n_test + n_val:
+                split = "val"
+            else:
+                split = "train"
             rows.append({"dataset": dataset, "name": names[index], "modality": modality, "split": split})
 
     rows.sort(key=lambda r: (r["split"], r["dataset"], r["name"]))

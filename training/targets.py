@@ -1,8 +1,8 @@
 """Training targets for cells: background (0), interior (1), boundary (2).
 
-Rule, after the NeurIPS 2022 CellSeg challenge's 3-class conversion: the
-boundary is each object's inner boundary (``find_boundaries(mode="inner")``)
-dilated by a 1-pixel disk; interior is every other object pixel.
+The rule follows the NeurIPS 2022 CellSeg challenge's 3-class conversion.
+The boundary is each object's inner boundary (``find_boundaries(mode="inner")``)
+dilated by a radius-1 disk, and the interior is every other object pixel.
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ def check_instance_mask(labels: np.ndarray, path: str | Path) -> None:
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"mask {path} has dtype {labels.dtype}; expected integer instance labels")
     if labels.size and labels.min() < 0:
-        raise ValueError(f"mask {path} holds negative values; expected 0 = background, 1..N = objects")
+        raise ValueError(f"mask {path} contains negative values; expected 0 = background, 1..N = objects")
     values = np.unique(labels)
     if len(values) == 2 and values[0] == 0 and values[1] in (1, 255):
         n_components = ndi.label(labels > 0)[1]
         if n_components < 2:
             return  # one object: binary and instance masks agree
         logger.warning(
-            "mask %s holds only the values {0, %s}: it is a binary mask, not instance labels; "
+            "mask %s contains only the values {0, %s}: it is a binary mask, not instance labels; "
             "its %s connected components are used as objects and touching cells merge. "
             "Give one id per cell for correct boundaries.",
             path, values[1], n_components,

@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--warmup-iters", type=int, default=30)
     parser.add_argument("--grad-clip", type=float, default=12.0, help="gradient-norm clip")
+    parser.add_argument("--val-tile-size", type=int, default=512,
+                        help="sliding-window side for validation; lower it for --xlstm enc")
     parser.add_argument("--max-val-images", type=int, default=0,
                         help="validate on at most this many images (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
@@ -77,10 +79,10 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (1 - progress) ** 0.9
 
 
-def validation_probabilities(model, samples, device) -> list[np.ndarray]:
+def validation_probabilities(model, samples, device, tile_size: int) -> list[np.ndarray]:
     model.eval()
     with torch.inference_mode():
-        probs = [predict_tiled(model, s.image, 3, tile_size=512, device=device) for s in samples]
+        probs = [predict_tiled(model, s.image, 3, tile_size=tile_size, device=device) for s in samples]
     model.train()
     return probs
 
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
         val_f1 = float("nan")
         if val:
-            probabilities = validation_probabilities(model, val, device)
+            probabilities = validation_probabilities(model, val, device, args.val_tile_size)
             val_f1 = mean_f1(probabilities, val, 0.5, 16)
             if val_f1 > best_f1:
                 best_f1 = val_f1
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     postprocess = {"prob_threshold": 0.5, "min_size": 16}
     if val:
-        probabilities = validation_probabilities(model, val, device)
+        probabilities = validation_probabilities(model, val, device, args.val_tile_size)
         grid = {(t, m): mean_f1(probabilities, val, t, m) for t in THRESHOLD_GRID for m in MIN_SIZE_GRID}
         (threshold, min_size), tuned_f1 = max(grid.items(), key=lambda item: item[1])
         postprocess = {"prob_threshold": threshold, "min_size": min_size}

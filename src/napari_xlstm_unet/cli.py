@@ -79,7 +79,8 @@ def _segment(args: argparse.Namespace) -> int:
             )
             write_labels(out_path, result.labels, image.resolution, image.resolution_unit,
                          overwrite=args.overwrite)
-        except (ValueError, OSError, TypeError) as error:
+        except (ValueError, OSError, TypeError, RuntimeError) as error:
+            # RuntimeError covers torch failures such as running out of memory.
             print(f"failed {path}: {error}", file=sys.stderr)
             failed += 1
             continue
@@ -97,6 +98,7 @@ def _label_files(folder: Path) -> dict[str, Path]:
         strip_labels_suffix(p.stem): p
         for p in sorted(folder.iterdir())
         if p.is_file() and p.suffix.lower() in (".tif", ".tiff", ".png")
+        and not p.name.startswith(".")
     }
 
 

@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 LABELS_SUFFIX = "_labels"
+# Suffixes of ground-truth files in common datasets (the NeurIPS 2022 cell
+# challenge names them <name>_label.tiff); evaluate ignores them when pairing.
+MATCH_SUFFIXES = ("_labels", "_label")
 
 
 @dataclass
@@ -56,7 +59,7 @@ class ImageFile:
 def _read_tiff(path: Path) -> ImageFile:
     with tifffile.TiffFile(path) as tif:
         if not tif.series:
-            raise ValueError("the file holds no image data (empty or truncated TIFF)")
+            raise ValueError("no image data found (empty or truncated TIFF)")
         series = tif.series[0]
         data = series.levels[0].asarray() if series.levels else series.asarray()
         page = tif.pages.first
@@ -70,8 +73,14 @@ def _read_tiff(path: Path) -> ImageFile:
                 unit = page.resolutionunit.name
                 if tif.is_imagej and (tif.imagej_metadata or {}).get("unit"):
                     unit = tif.imagej_metadata["unit"]
-        extra_samples = page.tags.get("ExtraSamples")
-        has_alpha = extra_samples is not None and data.ndim == 3 and data.shape[-1] in (2, 4)
+        # ExtraSamples 1 and 2 mark associated and unassociated alpha; 0
+        # (unspecified) is an ordinary extra channel, as tifffile writes for
+        # multi-channel images.
+        extra = page.tags.get("ExtraSamples")
+        extra_values = extra.value if extra is not None else ()
+        if isinstance(extra_values, int):
+            extra_values = (extra_values,)
+        has_alpha = bool(extra_values) and int(extra_values[-1]) in (1, 2) and data.ndim == 3
     return ImageFile(data, path, has_alpha, resolution, unit)
 
 
@@ -135,14 +144,17 @@ def list_images(inputs: list[str | os.PathLike]) -> list[Path]:
 
 
 def strip_labels_suffix(stem: str) -> str:
-    """Return ``stem`` without a trailing ``_labels``."""
-    return stem[: -len(LABELS_SUFFIX)] if stem.endswith(LABELS_SUFFIX) else stem
+    """Return ``stem`` without a trailing ``_labels`` or ``_label``."""
+    for suffix in MATCH_SUFFIXES:
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
 
 
 def labels_output_path(image_path: Path, out_dir: Path, taken: set[Path] | None = None) -> Path:
     """Return ``out_dir / <stem>_labels.tif``, or ``<stem>_<ext>_labels.tif`` when taken.
 
-    ``taken`` holds the outputs already assigned in this run, so ``a.tif``
+    ``taken`` contains the outputs already assigned in this run, so ``a.tif``
     and ``a.png`` get distinct files.
     """
     candidate = out_dir / f"{image_path.stem}{LABELS_SUFFIX}.tif"
@@ -152,6 +164,33 @@ def labels_output_path(image_path: Path, out_dir: Path, taken: set[Path] | None 
     if taken is not None:
         taken.add(candidate)
     return candidate
+
+
+# Length units ImageJ writes, as a factor to centimetres (the TIFF unit).
+_CENTIMETRES_PER_UNIT = {"um": 1e-4, "µm": 1e-4, "micron": 1e-4, "microns": 1e-4,
+                         "mm": 0.1, "nm": 1e-7, "cm": 1.0}
+
+
+def _resolution_kwargs(labels: np.ndarray, resolution: tuple[float, float],
+                       unit: str | None, bigtiff: bool) -> dict:
+    y_res, x_res = resolution
+    if unit in ("CENTIMETER", "INCH", "NONE", "MILLIMETER", "MICROMETER"):
+        return {"resolution": (x_res, y_res), "resolutionunit": unit}
+    if unit and labels.dtype.itemsize <= 2 and not bigtiff:
+        # ImageJ's own unit tag exists only for 8- and 16-bit ImageJ TIFFs.
+        return {"resolution": (x_res, y_res), "imagej": True, "metadata": {"unit": unit}}
+    if unit in _CENTIMETRES_PER_UNIT:
+        factor = 1.0 / _CENTIMETRES_PER_UNIT[unit]  # pixels per unit -> pixels per cm
+        return {"resolution": (x_res * factor, y_res * factor), "resolutionunit": "CENTIMETER"}
+    return {"resolution": (x_res, y_res), "resolutionunit": "NONE"}
+
+
+def _chmod_like_new_file(path: str) -> None:
+    # mkstemp creates files with mode 0600; give the result the permissions a
+    # plain open() would, so other users of a shared server can read it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_labels(
@@ -190,20 +229,15 @@ def write_labels(
     if labels.nbytes > 2**31:
         kwargs["bigtiff"] = True
     if resolution is not None:
-        kwargs["resolution"] = (resolution[1], resolution[0])  # tifffile takes (x, y)
-        if resolution_unit in ("CENTIMETER", "INCH", "NONE", "MILLIMETER", "MICROMETER"):
-            kwargs["resolutionunit"] = resolution_unit
-        elif resolution_unit:
-            # ImageJ's own unit tag only exists for 8- and 16-bit ImageJ TIFFs.
-            kwargs["imagej"] = labels.dtype.itemsize <= 2 and not kwargs.get("bigtiff", False)
-            if kwargs["imagej"]:
-                kwargs.pop("compression")
-                kwargs["metadata"] = {"unit": resolution_unit}
+        kwargs.update(_resolution_kwargs(labels, resolution, resolution_unit, kwargs.get("bigtiff", False)))
+        if kwargs.get("imagej"):
+            kwargs.pop("compression")
 
     handle, tmp_name = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.tif", dir=path.parent)
     os.close(handle)
     try:
         tifffile.imwrite(tmp_name, labels, **kwargs)
+        _chmod_like_new_file(tmp_name)
         os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):

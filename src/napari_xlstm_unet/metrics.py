@@ -4,7 +4,7 @@ Rules, as in the NeurIPS 2022 Cell Segmentation challenge's scoring script
 unless stated otherwise:
 
 - Objects are matched one-to-one by the Hungarian algorithm on their IoU
-  matrix; a matched pair counts as a true positive when its IoU is at least
+  matrix. A matched pair counts as a true positive when its IoU is at least
   the threshold (0.5 by default).
 - Border objects: every object touching a band of ``border_width`` pixels
   (default 2, as in the challenge) along the image edge is removed from the
@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from skimage.segmentation import clear_border, relabel_sequential
+from skimage.segmentation import relabel_sequential
 
-__all__ = ["MatchResult", "iou_matrix", "match_instances", "mean_scores"]
+__all__ = ["MatchResult", "iou_matrix", "match_instances", "mean_scores", "remove_border_objects"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def _as_labels(labels: np.ndarray, name: str) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
         raise TypeError(f"{name} must be an integer label image, got dtype {array.dtype}")
     if array.size and array.min() < 0:
-        raise ValueError(f"{name} holds negative labels (minimum {array.min()}); expected 0 = background")
+        raise ValueError(f"{name} contains negative labels (minimum {array.min()}); expected 0 = background")
     return array.astype(np.int64, copy=False)
 
 
@@ -72,6 +72,20 @@ def iou_matrix(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = np.where(union > 0, overlap / np.maximum(union, 1), 0.0)
     return iou[1:, 1:]
+
+
+def remove_border_objects(labels: np.ndarray, border_width: int) -> np.ndarray:
+    """Return ``labels`` without every id that has a pixel within ``border_width`` of the edge.
+
+    The whole id goes, also parts of it away from the edge.
+    """
+    band = np.ones(labels.shape, dtype=bool)
+    band[border_width:-border_width, border_width:-border_width] = False
+    touching = np.unique(labels[band])
+    touching = touching[touching > 0]
+    if len(touching) == 0:
+        return labels
+    return np.where(np.isin(labels, touching), 0, labels)
 
 
 def match_instances(
@@ -101,8 +115,8 @@ def match_instances(
     if true.shape != pred.shape:
         raise ValueError(f"label images differ in shape: true {true.shape}, predicted {pred.shape}")
     if border_width > 0:
-        true = clear_border(true, buffer_size=border_width - 1)
-        pred = clear_border(pred, buffer_size=border_width - 1)
+        true = remove_border_objects(true, border_width)
+        pred = remove_border_objects(pred, border_width)
     true = relabel_sequential(true)[0]
     pred = relabel_sequential(pred)[0]
     n_true, n_pred = int(true.max(initial=0)), int(pred.max(initial=0))

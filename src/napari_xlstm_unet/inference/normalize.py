@@ -13,13 +13,28 @@ logger = logging.getLogger(__name__)
 MAX_CHANNELS = 4
 
 
-def to_channels_first(image: np.ndarray, has_alpha: bool = False) -> np.ndarray:
-    """Return a 2D image as (C, H, W), squeezing singleton axes.
+def to_channels_first(
+    image: np.ndarray, has_alpha: bool = False, channels_last: bool | None = None
+) -> np.ndarray:
+    """Return a 2D image as (C, H, W).
 
-    Accepted layouts after squeezing length-1 axes: (H, W); (H, W, C) and
-    (C, H, W) with C <= 4. With ``has_alpha`` (an RGBA or grey + alpha file or
-    layer, known to the caller) the last channel is dropped: the network
-    segments what is imaged, not what is transparent.
+    Accepted layouts: (H, W); (H, W, C) and (C, H, W) with C <= 4; and any of
+    these with extra leading length-1 axes, as napari projections leave them.
+    A 3-axis array is read as channels-last when its last axis has at most 4
+    entries and its first more than 4, as channels-first in the opposite
+    case, and as channels-last (the RGB convention) when both are short,
+    unless ``channels_last`` says otherwise.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The pixels.
+    has_alpha : bool
+        The last channel is transparency (an RGBA or grey + alpha file or
+        layer) and is dropped, so the network sees only what was imaged.
+    channels_last : bool, optional
+        The layout, when the caller knows it (napari's ``layer.rgb``, a file's
+        photometric tag); guessed as above when None.
 
     Raises
     ------
@@ -28,32 +43,42 @@ def to_channels_first(image: np.ndarray, has_alpha: bool = False) -> np.ndarray:
     """
     array = np.asarray(image)
     squeezed = array
-    # Drop length-1 axes but keep two, so a 1 x N image stays 2D.
-    while squeezed.ndim > 2 and 1 in squeezed.shape:
-        squeezed = np.squeeze(squeezed, axis=squeezed.shape.index(1))
+    while squeezed.ndim > 3 and squeezed.shape[0] == 1:
+        squeezed = squeezed[0]
+    if squeezed.ndim == 3 and squeezed.shape[0] == 1 and squeezed.shape[-1] > MAX_CHANNELS:
+        squeezed = squeezed[0]  # (1, H, W)
     if squeezed.ndim < 2:
         raise ValueError(f"expected a 2D image, got an array of shape {array.shape}")
     if squeezed.ndim == 2:
         return squeezed[np.newaxis]
-    if squeezed.ndim == 3:
-        if squeezed.shape[-1] <= MAX_CHANNELS and squeezed.shape[0] > MAX_CHANNELS:
+    if squeezed.ndim > 3:
+        raise ValueError(
+            f"image of shape {array.shape} has {squeezed.ndim} axes that are not singletons; "
+            f"accepted layouts are (H, W), (H, W, C) and (C, H, W) with C <= {MAX_CHANNELS}; "
+            "select a single 2D plane first"
+        )
+
+    first, last = squeezed.shape[0], squeezed.shape[-1]
+    if channels_last is None:
+        if last <= MAX_CHANNELS:
             channels_last = True
-        elif squeezed.shape[0] <= MAX_CHANNELS:
+        elif first <= MAX_CHANNELS:
             channels_last = False
         else:
             raise ValueError(
-                f"image of shape {array.shape} looks like a stack of "
-                f"{squeezed.shape[0]} planes, not one 2D image; accepted layouts are (H, W), "
-                f"(H, W, C) and (C, H, W) with C <= {MAX_CHANNELS}; select a single plane first"
+                f"image of shape {array.shape} looks like a stack of {first} planes, not one 2D "
+                f"image; accepted layouts are (H, W), (H, W, C) and (C, H, W) with "
+                f"C <= {MAX_CHANNELS}; select a single plane first"
             )
-        channels = np.moveaxis(squeezed, -1, 0) if channels_last else squeezed
-        if has_alpha and channels.shape[0] in (2, 4):
-            channels = channels[:-1]
-        return channels
-    raise ValueError(
-        f"image of shape {array.shape} has {squeezed.ndim} non-singleton axes; accepted layouts are "
-        f"(H, W), (H, W, C) and (C, H, W) with C <= {MAX_CHANNELS}; select a single 2D plane first"
-    )
+    channels = np.moveaxis(squeezed, -1, 0) if channels_last else squeezed
+    if channels.shape[0] > MAX_CHANNELS:
+        raise ValueError(
+            f"image of shape {array.shape} has {channels.shape[0]} channels; at most "
+            f"{MAX_CHANNELS} are accepted"
+        )
+    if has_alpha and channels.shape[0] in (2, 4):
+        channels = channels[:-1]
+    return channels
 
 
 def match_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
@@ -103,6 +128,7 @@ def prepare_image(
     in_channels: int,
     normalization: dict | None = None,
     has_alpha: bool = False,
+    channels_last: bool | None = None,
 ) -> np.ndarray:
     """Return the normalised (in_channels, H, W) float32 array the network reads.
 
@@ -117,16 +143,18 @@ def prepare_image(
         ``{"kind": "percentile", "low": ..., "high": ...}``; defaults to 1 and 99.8.
     has_alpha : bool
         Drop the last channel as alpha; see :func:`to_channels_first`.
+    channels_last : bool, optional
+        The layout of a 3-axis image when known; see :func:`to_channels_first`.
     """
     normalization = normalization or {}
     kind = normalization.get("kind", "percentile")
     if kind != "percentile":
         raise ValueError(f"unknown normalization kind {kind!r}; expected 'percentile'")
-    channels = to_channels_first(image, has_alpha=has_alpha)
+    channels = to_channels_first(image, has_alpha=has_alpha, channels_last=channels_last)
     nonfinite = int(channels.size - np.isfinite(channels.astype(np.float32, copy=False)).sum()) \
         if np.issubdtype(channels.dtype, np.floating) else 0
     if nonfinite:
-        logger.warning("image holds %d non-finite pixels; they are treated as background", nonfinite)
+        logger.warning("image contains %d non-finite pixels (NaN or infinity); they are treated as background", nonfinite)
     normalized = normalize_percentile(
         channels, normalization.get("low", 1.0), normalization.get("high", 99.8)
     )

@@ -76,6 +76,7 @@ def iter_segment_image(
     tile_size: int = 512,
     overlap: float = 0.125,
     has_alpha: bool = False,
+    channels_last: bool | None = None,
 ) -> Generator[tuple[int, int], None, Segmentation]:
     """Generator form of :func:`segment_image`: yields ``(done, total)`` per window.
 
@@ -88,7 +89,9 @@ def iter_segment_image(
             "segment_image needs a 'cells' model with interior and boundary classes"
         )
     start = time.perf_counter()
-    prepared = prepare_image(image, loaded.config.in_channels, loaded.normalization, has_alpha)
+    prepared = prepare_image(
+        image, loaded.config.in_channels, loaded.normalization, has_alpha, channels_last
+    )
     device = next(loaded.model.parameters()).device
     probabilities = yield from iter_predict_tiled(
         loaded.model, prepared, loaded.config.num_classes, tile_size, overlap, device
@@ -114,6 +117,7 @@ def segment_image(
     tile_size: int = 512,
     overlap: float = 0.125,
     has_alpha: bool = False,
+    channels_last: bool | None = None,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Segmentation:
@@ -132,6 +136,8 @@ def segment_image(
         Sliding-window settings; see :func:`~napari_xlstm_unet.inference.tiling.predict_tiled`.
     has_alpha : bool
         The last channel is transparency and is dropped.
+    channels_last : bool, optional
+        The layout of a 3-axis image when known; guessed when None.
     progress, should_stop : callable, optional
         Progress report ``progress(done, total)`` and cancellation check; a
         cancel raises :class:`~napari_xlstm_unet.inference.tiling.Cancelled`.
@@ -142,6 +148,6 @@ def segment_image(
         Labels (H, W), probabilities (3, H, W) and timing.
     """
     steps = iter_segment_image(
-        image, loaded, prob_threshold, min_size, tile_size, overlap, has_alpha
+        image, loaded, prob_threshold, min_size, tile_size, overlap, has_alpha, channels_last
     )
     return drive(steps, progress, should_stop)

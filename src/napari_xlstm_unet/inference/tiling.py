@@ -39,7 +39,7 @@ def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
 def gaussian_weights(height: int, width: int, sigma_scale: float = 0.125) -> np.ndarray:
     """Return a (height, width) blending weight peaking at the window centre.
 
-    The standard deviation is ``sigma_scale`` times each side; weights are
+    The standard deviation is ``sigma_scale`` times each side. Weights are
     clipped below at 1e-3 of the peak, so borders still count where only one
     window covers a pixel.
     """

@@ -99,6 +99,9 @@ def save_checkpoint(path: str | os.PathLike, loaded: LoadedModel, extra: dict[st
     os.close(handle)
     try:
         torch.save(payload, tmp_name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp's 0600 would hide it from other users
         os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):

@@ -1,9 +1,9 @@
 """Vision-LSTM (ViL) block and the layer that applies it to a feature map.
 
 The block follows NX-AI's ``vision_lstm.py`` (v1, Apache-2.0), the variant the
-xLSTM-UNet reference code uses: pre-LayerNorm, up-projection to twice the
-width, causal depthwise convolution, block-diagonal q/k/v, an mLSTM cell with
-per-head normalisation, a learnable skip, a SiLU output gate and a
+xLSTM-UNet reference code uses. Its steps are pre-LayerNorm, up-projection to
+twice the width, causal depthwise convolution, block-diagonal q/k/v, an mLSTM
+cell with per-head normalisation, a learnable skip, a SiLU output gate and a
 down-projection, all inside a residual connection.
 """
 
@@ -39,7 +39,7 @@ class HeadwiseLinear(nn.Module):
 
 
 class CausalDepthwiseConv1d(nn.Module):
-    """Depthwise 1D convolution that sees only the current and earlier tokens."""
+    """Depthwise 1D convolution over the current and earlier tokens only."""
 
     def __init__(self, channels: int, kernel_size: int) -> None:
         super().__init__()
@@ -156,6 +156,11 @@ class ViLBlock(nn.Module):
         return residual + self.down_proj(h)  # (B, S, D)
 
 
+# The parallel mLSTM keeps several (B, 4, S, S) float32 tensors alive; at
+# 4,096 tokens each is 268 MB per image, about 2 GB in all.
+MAX_PARALLEL_TOKENS = 4096
+
+
 class ViLLayer2d(nn.Module):
     """Apply a ViL block to a feature map, tokens in row-major order from the top left.
 
@@ -169,6 +174,14 @@ class ViLLayer2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
+        tokens = height * width
+        if tokens > MAX_PARALLEL_TOKENS:
+            # NOTE: a chunkwise mLSTM would make this linear in the token count.
+            raise ValueError(
+                f"a ViL block got a {height} x {width} feature map ({tokens} tokens); the parallel "
+                f"mLSTM needs memory quadratic in the token count and accepts at most "
+                f"{MAX_PARALLEL_TOKENS}. Use a smaller tile size (--tile-size) or patch size."
+            )
         dtype = x.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
             tokens = x.float().flatten(2).transpose(1, 2)  # (B, H*W, C)

@@ -16,7 +16,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, 
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["SegmentWidget", "layer_to_array", "labels_layer_kwargs"]
+__all__ = ["SegmentWidget", "labels_layer_kwargs", "layer_image_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,16 +24,29 @@ SHIPPED_CHOICE = "cells (shipped default)"
 FILE_CHOICE = "checkpoint file…"
 
 
-def layer_to_array(layer: napari.layers.Image) -> tuple[np.ndarray, bool]:
-    """Return a napari Image layer's pixels as a NumPy array and whether it has alpha.
+def layer_image_data(layer: napari.layers.Image) -> tuple[object, bool]:
+    """Return the pixels to segment (possibly a lazy dask or zarr array) and whether they have alpha.
 
     Multiscale layers give their full-resolution level. RGB layers keep their
     channel-last layout; an RGBA layer reports ``has_alpha``.
+
+    Raises
+    ------
+    ValueError
+        When the layer is a stack (more than one plane), naming the layer and its shape.
     """
     data = layer.data[0] if layer.multiscale else layer.data
-    array = np.asarray(data)
-    has_alpha = bool(layer.rgb and array.shape[-1] == 4)
-    return array, has_alpha
+    spatial = 3 if layer.rgb else 2
+    leading = data.shape[: data.ndim - spatial]
+    if any(n != 1 for n in leading):
+        # NOTE: stacks (Z or T) are not segmented plane by plane yet.
+        raise ValueError(
+            f"layer {layer.name!r} has shape {tuple(data.shape)}: the Segment widget takes one 2D "
+            "image, grey or RGB. Select a single plane first, for example with "
+            "Layers > Convert > Split Stack."
+        )
+    has_alpha = bool(layer.rgb and data.shape[-1] == 4)
+    return data, has_alpha
 
 
 def labels_layer_kwargs(image_layer: napari.layers.Image) -> dict:
@@ -96,13 +109,17 @@ class SegmentWidget(Container):
         except ValueError as error:
             show_error(str(error))
             return
-        image, has_alpha = layer_to_array(layer)
+        try:
+            image, has_alpha = layer_image_data(layer)
+        except ValueError as error:
+            show_error(str(error))
+            return
         layer_kwargs = labels_layer_kwargs(layer)
 
-        worker = thread_worker(_segment_steps)(image, model_spec, has_alpha)
+        worker = thread_worker(_segment_steps)(image, model_spec, has_alpha, layer.rgb)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(lambda labels: self._add_labels(labels, layer_kwargs))
-        worker.errored.connect(lambda error: show_error(f"Segmentation failed: {error}"))
+        worker.errored.connect(self._on_error)
         worker.aborted.connect(lambda: self._set_status("cancelled; no layer added"))
         worker.finished.connect(self._on_finished)
         self._worker = worker
@@ -122,6 +139,13 @@ class SegmentWidget(Container):
         self._progress.max = total
         self._progress.value = done
 
+    def _on_error(self, error: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        logger.error("segmentation failed: %s", error)
+        self._set_status("failed; see the notification")
+        show_error(f"Segmentation failed: {error}")
+
     def _add_labels(self, labels: np.ndarray, layer_kwargs: dict) -> None:
         self._viewer.add_labels(labels, **layer_kwargs)
         self._set_status(f"{int(labels.max())} objects")
@@ -134,11 +158,12 @@ class SegmentWidget(Container):
         self._status.value = text
 
 
-def _segment_steps(image: np.ndarray, model_spec: str, has_alpha: bool):
-    """Worker body: load the model (cached), yield (done, total), return labels."""
+def _segment_steps(data, model_spec: str, has_alpha: bool, rgb: bool):
+    """Worker body: read the pixels, load the model (cached), yield (done, total), return labels."""
     from ..inference.predict import iter_segment_image
     from ..pretrained import load_model
 
+    image = np.asarray(data)  # reads lazy (dask, zarr) data here, off the GUI thread
     loaded = load_model(model_spec)
-    result = yield from iter_segment_image(image, loaded, has_alpha=has_alpha)
+    result = yield from iter_segment_image(image, loaded, has_alpha=has_alpha, channels_last=rgb or None)
     return result.labels
