@@ -30,9 +30,13 @@ class Sample:
     instances: np.ndarray
 
 
-def read_split(split_csv: Path, data_root: Path) -> dict[str, list[tuple[Path, Path]]]:
-    """Return image/mask path pairs per split from a CSV with columns dataset, name, split."""
-    pairs: dict[str, list[tuple[Path, Path]]] = {}
+def read_split(split_csv: Path, data_root: Path) -> dict[str, list[tuple[Path, Path, str]]]:
+    """Return (image, mask, group) triples per split from a CSV.
+
+    The CSV has the columns dataset, name and split, and optionally modality,
+    which becomes the group used for balanced sampling ("all" without it).
+    """
+    pairs: dict[str, list[tuple[Path, Path, str]]] = {}
     with open(split_csv, newline="") as handle:
         for row in csv.DictReader(handle):
             folder = data_root / row["dataset"]
@@ -43,7 +47,8 @@ def read_split(split_csv: Path, data_root: Path) -> dict[str, list[tuple[Path, P
                     raise FileNotFoundError(
                         f"{path} listed in {split_csv} not found; check --data-root"
                     )
-            pairs.setdefault(row["split"], []).append((image, mask))
+            group = row.get("modality") or "all"
+            pairs.setdefault(row["split"], []).append((image, mask, group))
     return pairs
 
 
@@ -72,12 +77,20 @@ class PatchSampler:
     A third of the patches are centred on a foreground pixel.
     """
 
-    def __init__(self, samples: list[Sample], patch_size: int, seed: int, foreground_fraction: float = 0.33):
+    def __init__(
+        self,
+        samples: list[Sample],
+        patch_size: int,
+        seed: int,
+        foreground_fraction: float = 0.33,
+        groups: list[str] | None = None,
+    ):
         self.samples = samples
         self.patch_size = patch_size
         self.rng = np.random.default_rng(seed)
         self.foreground_fraction = foreground_fraction
         self.foreground = [np.flatnonzero(s.classes > 0) for s in samples]
+        self.weights = group_weights(groups) if groups else None
 
     def _crop(self, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
         sample = self.samples[index]
@@ -116,7 +129,7 @@ class PatchSampler:
 
     def patch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return one (C, P, P) float32 image patch and its (P, P) int64 class patch."""
-        index = int(self.rng.integers(len(self.samples)))
+        index = int(self.rng.choice(len(self.samples), p=self.weights))
         scale = self.rng.uniform(0.7, 1.4) if self.rng.random() < 0.2 else 1.0
         size = max(8, int(round(self.patch_size / scale)))
         image, classes = self._crop(index, size)
@@ -137,6 +150,18 @@ class PatchSampler:
         """Return a batch: images (B, C, P, P) and classes (B, P, P)."""
         pairs = [self.patch() for _ in range(batch_size)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def group_weights(groups: list[str]) -> np.ndarray:
+    """Return sampling probabilities proportional to 1 / sqrt(size of each sample's group).
+
+    A group of n images then gets a share proportional to sqrt(n), so rare
+    modalities are drawn more often than their count alone would give, but
+    not so often that their few images are memorised.
+    """
+    names, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    weights = 1.0 / np.sqrt(counts[inverse].astype(float))
+    return weights / weights.sum()
 
 
 def deep_supervision_weights(n_outputs: int) -> list[float]:

@@ -39,8 +39,8 @@ from napari_xlstm_unet.model.checkpoint import (  # noqa: E402
 
 logger = logging.getLogger("train")
 
-THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
-MIN_SIZE_GRID = (0, 8, 16, 32)
+THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MIN_SIZE_GRID = (0, 8, 16, 32, 48, 64)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="small", help="model preset: small or reference")
     parser.add_argument("--xlstm", default="bot", choices=["none", "bot", "enc"],
                         help="where the ViL blocks go")
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=28)
     parser.add_argument("--iters-per-epoch", type=int, default=60, help="optimiser steps per epoch")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--patch-size", type=int, default=192, help="training patch side in pixels")
@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sliding-window side for validation; lower it for --xlstm enc")
     parser.add_argument("--max-val-images", type=int, default=0,
                         help="validate on at most this many images (0 = all)")
+    parser.add_argument("--group-sampling", choices=["uniform", "sqrt"], default="sqrt",
+                        help="draw images uniformly, or weighted by 1/sqrt(size of their modality group)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -107,15 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     config = preset(args.preset, in_channels=3, num_classes=3, xlstm=args.xlstm)
     normalization = dict(DEFAULT_NORMALIZATION)
     pairs = read_split(args.split, args.data_root)
-    train = [load_sample(i, m, config.in_channels, normalization) for i, m in pairs["train"]]
-    val = [load_sample(i, m, config.in_channels, normalization) for i, m in pairs.get("val", [])]
+    train = [load_sample(i, m, config.in_channels, normalization) for i, m, _ in pairs["train"]]
+    val = [load_sample(i, m, config.in_channels, normalization) for i, m, _ in pairs.get("val", [])]
+    groups = [g for _, _, g in pairs["train"]] if args.group_sampling == "sqrt" else None
     if args.max_val_images:
         val = val[: args.max_val_images]
     logger.info("train %d images, validation %d images, device %s", len(train), len(val), device)
 
     model = build_model(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sampler = PatchSampler(train, args.patch_size, seed=args.seed)
+    sampler = PatchSampler(train, args.patch_size, seed=args.seed, groups=groups)
     total_steps = args.epochs * args.iters_per_epoch
 
     best_f1, best_state, history = -1.0, None, []

@@ -1,0 +1,59 @@
+"""The shipped cell model on real images it never saw in training."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import DATA, REPO
+from napari_xlstm_unet.inference.predict import segment_image
+from napari_xlstm_unet.metrics import match_instances
+from napari_xlstm_unet.pretrained import load_model
+
+# Measured with this package's own pipeline when the model shipped (see
+# docs/models.md); the floors sit a little below, to absorb small numeric
+# differences between machines.
+SAMPLE_NAME = "dsb2018s1test_432f367a4c5b"
+SAMPLE_MIN_F1 = 0.80
+STAINED_NAME = "dsb2018s1train_442c4eb01856"
+STAINED_MIN_F1 = 0.55
+CASES_TO_SCORE = [
+    ("microscopy", SAMPLE_NAME, SAMPLE_MIN_F1),
+    ("microscopy-extra", STAINED_NAME, STAINED_MIN_F1),
+]
+
+
+def test_shipped_model_is_a_test_split_image_free_model():
+    with open(REPO / "training" / "splits" / "dsb2018.csv", newline="") as handle:
+        splits = {row["name"]: row["split"] for row in csv.DictReader(handle)}
+    assert splits[SAMPLE_NAME] == "test"
+    assert splits[STAINED_NAME] == "test"
+
+
+def test_model_card_records_training():
+    card = load_model("cells", device="cpu").model_card
+    for key in ("command", "training_seconds", "data", "date", "test_f1_at_0.5"):
+        assert key in card, key
+    assert card["test_f1_at_0.5"] > 0.5
+
+
+@pytest.mark.parametrize("dataset, name, floor", CASES_TO_SCORE)
+def test_shipped_model_reaches_recorded_f1(dataset, name, floor):
+    image = tifffile.imread(DATA / dataset / "images" / f"{name}.tif")
+    truth = tifffile.imread(DATA / dataset / "masks" / f"{name}.tif")
+    labels = segment_image(image, load_model("cells", device="cpu")).labels
+    assert labels.shape == truth.shape
+    assert labels.dtype == np.uint16
+    assert match_instances(truth, labels).f1 >= floor
+
+
+def test_sample_image_is_the_shipped_test_image():
+    from napari_xlstm_unet._sample_data import nuclei_sample
+
+    data, meta, kind = nuclei_sample()[0]
+    original = tifffile.imread(DATA / "microscopy" / "images" / f"{SAMPLE_NAME}.tif")
+    assert kind == "image"
+    np.testing.assert_array_equal(data, original)
