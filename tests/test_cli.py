@@ -86,3 +86,38 @@ def test_evaluate_matches_stems_and_writes_csv(tmp_path):
     assert float(rows[1]["f1"]) == pytest.approx(2 / 3)
     assert float(rows[1]["precision"]) == 1.0
     assert float(rows[1]["recall"]) == 0.5
+
+
+def test_missing_input_reported_and_run_continues(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["segment", str(tmp_path / "nope.tif"), str(SAMPLE), "--out", str(out)])
+    assert code == 1
+    assert (out / f"{SAMPLE.stem}_labels.tif").is_file()
+    assert "nope.tif" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--prob-threshold", "2"), ("--min-size", "-5"), ("--tile-size", "7"), ("--overlap", "1.5")],
+)
+def test_invalid_settings_rejected_up_front(tmp_path, option, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(SAMPLE), "--out", str(tmp_path), option, value])
+    assert info.value.code == 2
+    assert option in capsys.readouterr().err
+
+
+def test_out_is_a_file_is_clear_error(tmp_path, capsys):
+    target = tmp_path / "x.tif"
+    target.write_bytes(b"")
+    assert main(["segment", str(SAMPLE), "--out", str(target)]) == 2
+    assert "is an existing file" in capsys.readouterr().err
+
+
+def test_evaluate_names_file_on_shape_mismatch(tmp_path, capsys):
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "pred").mkdir()
+    tifffile.imwrite(tmp_path / "gt" / "a.tif", np.zeros((8, 8), np.uint16))
+    tifffile.imwrite(tmp_path / "pred" / "a_labels.tif", np.zeros((8, 9), np.uint16))
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 2
+    assert "a_labels.tif" in capsys.readouterr().err

@@ -147,3 +147,23 @@ def test_constant_and_nonfinite_images_normalise_to_finite():
     result = normalize_percentile(noisy)
     assert np.isfinite(result).all()
     assert result[0, 0, 0] == 0.0
+
+
+@pytest.mark.parametrize(
+    "name", ["br06_zeros_uint16.tif", "br06_const1000_uint16.tif", "br06_const_float32.tif",
+             "br06_near_constant_uint16.tif"],
+)
+def test_br06_constant_images_give_empty_labels(name, tiny_config):
+    image = tifffile.imread(CASES / "BR-06" / name)
+    loaded = LoadedModel(model=build_model(tiny_config).eval(), config=tiny_config)
+    result = segment_image(image, loaded)
+    assert result.labels.shape == (256, 256)
+    assert result.labels.dtype == np.uint16
+    assert result.labels.max() == 0
+    assert np.isfinite(result.probabilities).all()
+
+
+def test_all_nan_image_gives_empty_labels(tiny_config):
+    loaded = LoadedModel(model=build_model(tiny_config).eval(), config=tiny_config)
+    result = segment_image(np.full((40, 50), np.nan, np.float32), loaded)
+    assert result.labels.max() == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .io import labels_output_path, list_images, read_image, strip_labels_suffix, write_labels
 
 __all__ = ["main"]
@@ -17,46 +18,103 @@ __all__ = ["main"]
 logger = logging.getLogger(__name__)
 
 
+def _fraction(low: float, high: float, name: str):
+    def parse(text: str) -> float:
+        value = float(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name} must lie in [{low}, {high}], got {value}")
+        return value
+    return parse
+
+
+def _integer_at_least(minimum: int, name: str):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def _build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress and timings")
+
     parser = argparse.ArgumentParser(
-        prog="xlstm-unet", description="Segment cells and nuclei with a 2D xLSTM-UNet."
+        prog="xlstm-unet", description="Segment cells and nuclei with a 2D xLSTM-UNet.",
+        parents=[common],
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and timings")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    formatter = argparse.ArgumentDefaultsHelpFormatter
 
     segment = commands.add_parser(
-        "segment", help="write <stem>_labels.tif instance labels for each input image"
+        "segment", parents=[common], formatter_class=formatter,
+        help="write <stem>_labels.tif instance labels for each input image",
     )
     segment.add_argument("inputs", nargs="+", type=Path, help="image files or folders of images")
     segment.add_argument("--out", type=Path, required=True, help="output folder")
-    segment.add_argument("--model", default=None,
-                         help="shipped model name ('cells', the default) or checkpoint file (.pt)")
-    segment.add_argument("--prob-threshold", type=float, default=None,
-                         help="interior probability that seeds an object (default: the model's)")
-    segment.add_argument("--min-size", type=int, default=None,
-                         help="smallest object kept, in pixels (default: the model's)")
-    segment.add_argument("--tile-size", type=int, default=512, help="sliding-window side in pixels")
-    segment.add_argument("--overlap", type=float, default=0.125, help="window overlap fraction")
-    segment.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    segment.add_argument("--model", default="cells",
+                         help="shipped model name or checkpoint file (.pt)")
+    segment.add_argument("--prob-threshold", type=_fraction(0.0, 1.0, "--prob-threshold"),
+                         default=None,
+                         help="interior probability that seeds an object; None uses the model's tuned value")
+    segment.add_argument("--min-size", type=_integer_at_least(0, "--min-size"), default=None,
+                         help="smallest object kept, in pixels; None uses the model's tuned value")
+    segment.add_argument("--tile-size", type=_integer_at_least(16, "--tile-size"), default=512,
+                         help="sliding-window side in pixels")
+    segment.add_argument("--overlap", type=_fraction(0.0, 0.9, "--overlap"), default=0.125,
+                         help="fraction of a window shared with its neighbour")
+    segment.add_argument("--device", default=None,
+                         help="cpu or cuda; None picks cuda when PyTorch sees a GPU, else cpu")
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     evaluate = commands.add_parser(
-        "evaluate", help="score predicted labels against ground truth (F1 at an IoU threshold)"
+        "evaluate", parents=[common], formatter_class=formatter,
+        help="score predicted labels against ground truth (F1 at an IoU threshold)",
     )
     evaluate.add_argument("pred_dir", type=Path, help="folder of predicted label images")
     evaluate.add_argument("gt_dir", type=Path, help="folder of ground-truth label images")
     evaluate.add_argument("--csv", type=Path, default=None, help="write per-image rows to this CSV file")
-    evaluate.add_argument("--iou", type=float, default=0.5, help="IoU threshold of a true positive")
-    evaluate.add_argument("--border-width", type=int, default=2,
+    evaluate.add_argument("--iou", type=_fraction(0.0, 1.0, "--iou"), default=0.5,
+                          help="IoU threshold of a true positive")
+    evaluate.add_argument("--border-width", type=_integer_at_least(0, "--border-width"), default=2,
                           help="ignore objects touching this many edge pixels (0 keeps all)")
     return parser
+
+
+def _check_device(device: str | None) -> None:
+    if device is None or not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device} was requested but this PyTorch build sees no CUDA GPU; "
+            "use --device cpu, or install a CUDA build of PyTorch"
+        )
+
+
+def _collect_inputs(inputs: list[Path]) -> tuple[list[Path], list[Path]]:
+    files, missing = [], []
+    for item in inputs:
+        if item.exists():
+            files += list_images([item])
+        else:
+            missing.append(item)
+    return files, missing
 
 
 def _segment(args: argparse.Namespace) -> int:
     from .inference.predict import segment_image
     from .pretrained import load_model
 
-    files = list_images(args.inputs)
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is an existing file; give a folder for the label images")
+    _check_device(args.device)
+    files, missing = _collect_inputs(args.inputs)
+    for path in missing:
+        print(f"failed {path}: file or folder not found", file=sys.stderr)
     if not files:
         print("no image files found in the inputs", file=sys.stderr)
         return 1
@@ -64,7 +122,7 @@ def _segment(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     taken: set[Path] = set()
-    failed = skipped = 0
+    failed, skipped = len(missing), 0
     for path in files:
         out_path = labels_output_path(path, args.out, taken)
         if out_path.exists() and not args.overwrite:
@@ -86,7 +144,7 @@ def _segment(args: argparse.Namespace) -> int:
             continue
         print(f"{path} -> {out_path}: {int(result.labels.max())} objects, {result.seconds:.2f} s")
 
-    done = len(files) - failed - skipped
+    done = len(files) + len(missing) - failed - skipped
     print(f"done: {done} segmented, {skipped} skipped, {failed} failed")
     return 1 if failed else 0
 
@@ -102,24 +160,37 @@ def _label_files(folder: Path) -> dict[str, Path]:
     }
 
 
+def _read_labels(path: Path) -> np.ndarray:
+    labels = np.squeeze(read_image(path).data)
+    if labels.ndim != 2:
+        raise ValueError(f"{path} has shape {labels.shape}; expected a 2D label image")
+    return labels
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .metrics import match_instances, mean_scores
 
     predictions, truths = _label_files(args.pred_dir), _label_files(args.gt_dir)
     names = sorted(set(predictions) & set(truths))
-    missing = sorted(set(truths) - set(predictions))
-    if missing:
-        print(f"warning: {len(missing)} ground-truth files have no prediction, e.g. {missing[0]}",
-              file=sys.stderr)
+    for kind, unmatched in (("ground-truth", set(truths) - set(predictions)),
+                            ("predicted", set(predictions) - set(truths))):
+        if unmatched:
+            print(f"note: {len(unmatched)} {kind} files have no partner and are skipped, "
+                  f"e.g. {sorted(unmatched)[0]}", file=sys.stderr)
     if not names:
         print(f"no matching names between {args.pred_dir} and {args.gt_dir}", file=sys.stderr)
         return 1
 
+    if args.border_width:
+        print(f"objects touching a {args.border_width}-pixel band along the image edge are "
+              "excluded (--border-width 0 keeps them)")
     rows, results = [], []
     print(f"{'name':40s} {'n_true':>6s} {'n_pred':>6s} {'tp':>5s} {'precision':>9s} {'recall':>7s} {'f1':>7s}")
     for name in names:
-        true = np.squeeze(read_image(truths[name]).data)
-        pred = np.squeeze(read_image(predictions[name]).data)
+        true, pred = _read_labels(truths[name]), _read_labels(predictions[name])
+        if true.shape != pred.shape:
+            raise ValueError(f"{predictions[name]} has shape {pred.shape} but its ground truth "
+                             f"{truths[name]} has {true.shape}")
         result = match_instances(true, pred, args.iou, args.border_width)
         results.append(result)
         rows.append({"name": name, **result.to_dict()})

@@ -92,6 +92,16 @@ def iter_segment_image(
     prepared = prepare_image(
         image, loaded.config.in_channels, loaded.normalization, has_alpha, channels_last
     )
+    if not prepared.any():
+        # Normalisation maps constant (or all non-finite) images to zeros. They
+        # hold nothing to segment, and the network invents edge objects there.
+        logger.warning("image %s has no contrast; returning empty labels", image.shape)
+        yield 1, 1
+        probabilities = np.zeros((loaded.config.num_classes,) + prepared.shape[1:], np.float32)
+        probabilities[0] = 1.0
+        return Segmentation(np.zeros(prepared.shape[1:], np.uint16), probabilities,
+                            time.perf_counter() - start)
+
     device = next(loaded.model.parameters()).device
     probabilities = yield from iter_predict_tiled(
         loaded.model, prepared, loaded.config.num_classes, tile_size, overlap, device
