@@ -55,11 +55,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    taken: set[Path] = set()
+    used_paths: set[Path] = set()
     for path in list_images(args.inputs):
         image = read_image(path)
         labels = otsu_watershed(image.data, image.has_alpha)
-        write_labels(labels_output_path(path, args.out, taken), labels, overwrite=True)
+        write_labels(labels_output_path(path, args.out, used_paths), labels, overwrite=True)
     return 0
 
 

@@ -3,8 +3,10 @@
     python benchmarks/speed.py [--threads 2] [--repeats 10] [--image PATH]
 
 Prints the machine, then the median and minimum wall time of the whole call
-(normalisation, network, post-processing) and of the network and the
-post-processing alone, each over ``--repeats`` runs after one warm-up run.
+(normalisation, network, post-processing) in float32 and in bfloat16, and of
+the network and the post-processing alone in float32. Each figure comes from
+``--repeats`` runs after one warm-up run, interleaved so that machine noise
+hits every row alike.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ from napari_xlstm_unet.pretrained import load_model
 DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "shared/data/microscopy/images/stardist_dsb2018_img2d.tif"
 
 
-def timed(function, repeats: int) -> list[float]:
-    function()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def time_interleaved(functions: dict, repeats: int) -> dict[str, list[float]]:
+    """Return wall times per function, running one of each per round."""
+    for function in functions.values():
         function()
-        seconds.append(time.perf_counter() - start)
+    seconds: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            seconds[name].append(time.perf_counter() - start)
     return seconds
 
 
@@ -54,14 +59,15 @@ def main() -> int:
 
     probabilities = predict_probabilities(image, loaded)
     params = loaded.postprocess
-    rows = {
-        "whole call": timed(lambda: segment_image(image, loaded), args.repeats),
-        "network only": timed(lambda: predict_probabilities(image, loaded), args.repeats),
-        "post-processing only": timed(
-            lambda: probabilities_to_labels(probabilities, params["prob_threshold"], params["min_size"]),
-            args.repeats,
+    functions = {
+        "whole call": lambda: segment_image(image, loaded),
+        "whole call, bfloat16": lambda: segment_image(image, loaded, precision="bfloat16"),
+        "network only": lambda: predict_probabilities(image, loaded),
+        "post-processing only": lambda: probabilities_to_labels(
+            probabilities, params["prob_threshold"], params["min_size"]
         ),
     }
+    rows = time_interleaved(functions, args.repeats)
     for name, seconds in rows.items():
         print(f"{name:22s} median {statistics.median(seconds):.3f} s   min {min(seconds):.3f} s")
     objects = int(np.max(segment_image(image, loaded).labels))

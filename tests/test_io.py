@@ -102,8 +102,8 @@ def test_br25_unicode_names_and_collisions(tmp_path):
     assert sorted(names) == sorted(["sample.png", "sample.tif", "细胞 α.tif"])
     assert read_image(folder / "细胞 α.tif").data.ndim >= 2
 
-    taken: set = set()
-    outputs = [labels_output_path(p, tmp_path, taken) for p in files]
+    used_paths: set = set()
+    outputs = [labels_output_path(p, tmp_path, used_paths) for p in files]
     assert len(set(outputs)) == 3
     assert tmp_path / "细胞 α_labels.tif" in outputs
 

@@ -13,13 +13,13 @@ from napari_xlstm_unet.inference.predict import segment_image
 from napari_xlstm_unet.metrics import match_instances
 from napari_xlstm_unet.pretrained import load_model
 
-# Measured with this package's own pipeline when the model shipped (see
-# docs/models.md); the floors sit a little below, to absorb small numeric
-# differences between machines.
+# F1 measured when the model shipped: 0.727 on the dense sample (273
+# nuclei) and 0.656 on the stained-tissue tile. The floors sit a little lower
+# to absorb numeric differences between machines, not model changes.
 SAMPLE_NAME = "dsb2018s1test_432f367a4c5b"
-SAMPLE_MIN_F1 = 0.80
-STAINED_NAME = "dsb2018s1train_442c4eb01856"
-STAINED_MIN_F1 = 0.55
+SAMPLE_MIN_F1 = 0.70
+STAINED_NAME = "dsb2018s1train_5c6eb9a47852"
+STAINED_MIN_F1 = 0.62
 CASES_TO_SCORE = [
     ("microscopy", SAMPLE_NAME, SAMPLE_MIN_F1),
     ("microscopy-extra", STAINED_NAME, STAINED_MIN_F1),

@@ -67,6 +67,9 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="fraction of a window shared with its neighbour")
     segment.add_argument("--device", default=None,
                          help="cpu or cuda; None picks cuda when PyTorch sees a GPU, else cpu")
+    segment.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                         help="arithmetic of the convolutions; bfloat16 is faster on CPUs with "
+                              "native bfloat16 (AVX512-BF16, AMX) and on recent GPUs")
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     evaluate = commands.add_parser(
@@ -121,10 +124,10 @@ def _segment(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=args.device)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    taken: set[Path] = set()
+    used_paths: set[Path] = set()
     failed, skipped = len(missing), 0
     for path in files:
-        out_path = labels_output_path(path, args.out, taken)
+        out_path = labels_output_path(path, args.out, used_paths)
         if out_path.exists() and not args.overwrite:
             print(f"skipped {path}: {out_path} exists (use --overwrite to replace it)")
             skipped += 1
@@ -133,7 +136,7 @@ def _segment(args: argparse.Namespace) -> int:
             image = read_image(path)
             result = segment_image(
                 image.data, loaded, args.prob_threshold, args.min_size,
-                args.tile_size, args.overlap, image.has_alpha,
+                args.tile_size, args.overlap, image.has_alpha, precision=args.precision,
             )
             write_labels(out_path, result.labels, image.resolution, image.resolution_unit,
                          overwrite=args.overwrite)

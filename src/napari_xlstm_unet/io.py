@@ -151,18 +151,18 @@ def strip_labels_suffix(stem: str) -> str:
     return stem
 
 
-def labels_output_path(image_path: Path, out_dir: Path, taken: set[Path] | None = None) -> Path:
-    """Return ``out_dir / <stem>_labels.tif``, or ``<stem>_<ext>_labels.tif`` when taken.
+def labels_output_path(image_path: Path, out_dir: Path, used_paths: set[Path] | None = None) -> Path:
+    """Return ``out_dir / <stem>_labels.tif``, or ``<stem>_<ext>_labels.tif`` when that is in use.
 
-    ``taken`` contains the outputs already assigned in this run, so ``a.tif``
+    ``used_paths`` contains the outputs already assigned in this run, so ``a.tif``
     and ``a.png`` get distinct files.
     """
     candidate = out_dir / f"{image_path.stem}{LABELS_SUFFIX}.tif"
-    if taken is not None and candidate in taken:
+    if used_paths is not None and candidate in used_paths:
         suffix = image_path.suffix.lower().lstrip(".")
         candidate = out_dir / f"{image_path.stem}_{suffix}{LABELS_SUFFIX}.tif"
-    if taken is not None:
-        taken.add(candidate)
+    if used_paths is not None:
+        used_paths.add(candidate)
     return candidate
 
 

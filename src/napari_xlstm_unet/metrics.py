@@ -8,8 +8,8 @@ unless stated otherwise:
   the threshold (0.5 by default).
 - Border objects: every object touching a band of ``border_width`` pixels
   (default 2, as in the challenge) along the image edge is removed from the
-  ground truth and from the prediction before matching, because such objects
-  are cut by the field of view. ``border_width=0`` keeps every object.
+  ground truth and from the prediction before matching. Such objects are cut
+  by the field of view. ``border_width=0`` keeps every object.
 - Empty images: when neither the ground truth nor the prediction holds an
   object, precision, recall and F1 are all 1.0 (a correct true negative).
   The challenge script reports 0.0 there. An empty side facing a non-empty

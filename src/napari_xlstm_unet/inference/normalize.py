@@ -23,7 +23,7 @@ def to_channels_first(
     A 3-axis array is read as channels-last when its last axis has at most 4
     entries and its first more than 4, as channels-first in the opposite
     case, and as channels-last (the RGB convention) when both are short,
-    unless ``channels_last`` says otherwise.
+    unless ``channels_last`` overrides the guess.
 
     Parameters
     ----------

