@@ -27,8 +27,8 @@ def otsu_watershed(image: np.ndarray, has_alpha: bool = False, min_size: int = 1
     """Return instance labels from Otsu foreground split by a distance watershed.
 
     Multi-channel images are averaged to grey. Objects are assumed brighter
-    than the background; when the Otsu foreground covers more than half the
-    image (dark nuclei on a bright stain), the image is inverted first.
+    than the background. When the Otsu foreground covers more than half the
+    image (dark nuclei on a bright stain), the foreground is inverted.
     """
     grey = normalize_percentile(to_channels_first(image, has_alpha)).mean(axis=0)
     grey = gaussian(grey, sigma=1)

@@ -26,7 +26,7 @@ CASES_TO_SCORE = [
 ]
 
 
-def test_shipped_model_is_a_test_split_image_free_model():
+def test_scored_images_are_in_test_split():
     with open(REPO / "training" / "splits" / "dsb2018.csv", newline="") as handle:
         splits = {row["name"]: row["split"] for row in csv.DictReader(handle)}
     assert splits[SAMPLE_NAME] == "test"

@@ -10,7 +10,7 @@ unless stated otherwise:
   (default 2, as in the challenge) along the image edge is removed from the
   ground truth and from the prediction before matching. Such objects are cut
   by the field of view. ``border_width=0`` keeps every object.
-- Empty images: when neither the ground truth nor the prediction holds an
+- Empty images: when neither the ground truth nor the prediction contains an
   object, precision, recall and F1 are all 1.0 (a correct true negative).
   The challenge script reports 0.0 there. An empty side facing a non-empty
   one scores 0.0. No case gives NaN or a division warning.

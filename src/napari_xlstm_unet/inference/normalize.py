@@ -21,9 +21,9 @@ def to_channels_first(
     Accepted layouts: (H, W); (H, W, C) and (C, H, W) with C <= 4; and any of
     these with extra leading length-1 axes, as napari projections leave them.
     A 3-axis array is read as channels-last when its last axis has at most 4
-    entries and its first more than 4, as channels-first in the opposite
-    case, and as channels-last (the RGB convention) when both are short,
-    unless ``channels_last`` overrides the guess.
+    entries and its first more than 4, and as channels-first in the opposite
+    case. When both are short it is read as channels-last (the RGB
+    convention), unless ``channels_last`` overrides the guess.
 
     Parameters
     ----------

@@ -156,7 +156,7 @@ class ViLBlock(nn.Module):
         return residual + self.down_proj(h)  # (B, S, D)
 
 
-# The parallel mLSTM keeps several (B, 4, S, S) float32 tensors alive; at
+# The parallel mLSTM keeps several (B, 4, S, S) float32 tensors alive. At
 # 4,096 tokens each is 268 MB per image, about 2 GB in all.
 MAX_PARALLEL_TOKENS = 4096
 
