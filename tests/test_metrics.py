@@ -48,8 +48,8 @@ def test_border_objects_removed_by_default():
     pred = np.zeros_like(true)
     pred[8:12, 8:12] = 1
     assert match_instances(true, pred).f1 == 1.0
-    kept = match_instances(true, pred, border_width=0)
-    assert (kept.tp, kept.fn) == (1, 1)
+    with_border = match_instances(true, pred, border_width=0)
+    assert (with_border.tp, with_border.fn) == (1, 1)
 
 
 def test_border_band_is_two_pixels_wide():
@@ -70,9 +70,9 @@ def test_border_removal_drops_whole_id():
 
 
 def test_tiny_images_do_not_fail():
-    one = np.ones((1, 1), int)
-    assert match_instances(one, one).f1 == 1.0  # all objects lie in the band
-    assert match_instances(one, one, border_width=0).tp == 1
+    single_pixel = np.ones((1, 1), int)
+    assert match_instances(single_pixel, single_pixel).f1 == 1.0  # all objects lie in the band
+    assert match_instances(single_pixel, single_pixel, border_width=0).tp == 1
 
 
 def test_shape_mismatch_raises():

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tifffile
+
+from ._atomic import write_atomically
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -185,14 +186,6 @@ def _resolution_kwargs(labels: np.ndarray, resolution: tuple[float, float],
     return {"resolution": (x_res, y_res), "resolutionunit": "NONE"}
 
 
-def _chmod_like_new_file(path: str) -> None:
-    # mkstemp creates files with mode 0600; give the result the permissions a
-    # plain open() would, so other users of a shared server can read it.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def write_labels(
     path: str | os.PathLike,
     labels: np.ndarray,
@@ -233,13 +226,5 @@ def write_labels(
         if kwargs.get("imagej"):
             kwargs.pop("compression")
 
-    handle, tmp_name = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.tif", dir=path.parent)
-    os.close(handle)
-    try:
-        tifffile.imwrite(tmp_name, labels, **kwargs)
-        _chmod_like_new_file(tmp_name)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    write_atomically(path, lambda tmp_name: tifffile.imwrite(tmp_name, labels, **kwargs), ".tmp.tif")
     return path

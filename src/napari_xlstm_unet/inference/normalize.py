@@ -31,7 +31,7 @@ def to_channels_first(
         The pixels.
     has_alpha : bool
         The last channel is transparency (an RGBA or grey + alpha file or
-        layer) and is dropped, so the network sees only what was imaged.
+        layer) and is dropped, because the network segments only what was imaged.
     channels_last : bool, optional
         The layout, when the caller knows it (napari's ``layer.rgb``, a file's
         photometric tag); guessed as above when None.

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._atomic import write_atomically
 from .config import ModelConfig
 from .unet import XLSTMUNet, build_model
 
@@ -95,17 +95,7 @@ def save_checkpoint(path: str | os.PathLike, loaded: LoadedModel, extra: dict[st
     if extra:
         payload.update(extra)
 
-    handle, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(payload, tmp_name)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp's 0600 would hide it from other users
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    write_atomically(path, lambda tmp_name: torch.save(payload, tmp_name))
     logger.info("saved checkpoint %s", path)
     return path
 
