@@ -13,7 +13,13 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from conftest import CASES
-from napari_xlstm_unet.metrics import iou_matrix, match_instances, mean_scores
+from napari_xlstm_unet.metrics import (
+    iou_matrix,
+    match_instances,
+    mean_scores,
+    mean_semantic_scores,
+    semantic_scores,
+)
 
 
 def test_iou_matrix_exact():
@@ -141,3 +147,68 @@ def test_br16_binary_gt_merges_touching_cells():
         assert result.precision == pytest.approx(values["precision"])
         assert result.recall == pytest.approx(values["recall"])
         assert result.f1 == pytest.approx(values["f1"])
+
+
+# --- semantic metrics: Dice and NSD ----------------------------------------------------------
+
+def _square(shift_x: int = 0, value: int = 1) -> np.ndarray:
+    mask = np.zeros((32, 32), np.uint8)
+    mask[10:20, 10 + shift_x:20 + shift_x] = value
+    return mask
+
+
+def test_semantic_scores_shifted_square():
+    true, pred = _square(), _square(1)
+    # Overlap 10 x 9 = 90 pixels of 100 + 100.
+    assert semantic_scores(true, pred, tolerance=2).dice == pytest.approx(0.9)
+    # Every boundary pixel (36 per square) is within 1 pixel of the other boundary.
+    assert semantic_scores(true, pred, tolerance=2).nsd == pytest.approx(1.0)
+    # At tolerance 0 only the shared top and bottom rows match: 9 + 9 of 36, on each side.
+    assert semantic_scores(true, pred, tolerance=0).nsd == pytest.approx(36 / 72)
+
+
+def test_far_prediction_scores_zero_and_classes_average():
+    true = _square()
+    pred = np.zeros_like(true)
+    pred[0:5, 25:30] = 1
+    result = semantic_scores(true, pred)
+    assert (result.dice, result.nsd) == (0.0, 0.0)
+    # Class 2 correct, class 1 missed: the image mean is 0.5.
+    true2, pred2 = true.copy(), np.zeros_like(true)
+    true2[25:30, 0:5] = 2
+    pred2[25:30, 0:5] = 2
+    both = semantic_scores(true2, pred2)
+    assert both.per_class == {1: {"dice": 0.0, "nsd": 0.0}, 2: {"dice": 1.0, "nsd": 1.0}}
+    assert (both.dice, both.nsd) == (0.5, 0.5)
+
+
+def test_empty_frames_and_one_sided_classes():
+    empty = np.zeros((16, 16), np.uint8)
+    result = semantic_scores(empty, empty)
+    assert (result.dice, result.nsd, result.n_classes) == (1.0, 1.0, 0)
+    one = empty.copy()
+    one[4:8, 4:8] = 1
+    assert (semantic_scores(empty, one).dice, semantic_scores(empty, one).nsd) == (0.0, 0.0)
+    assert (semantic_scores(one, empty).dice, semantic_scores(one, empty).nsd) == (0.0, 0.0)
+    means = mean_semantic_scores([result, semantic_scores(one, empty)])
+    assert means == {"dice": 0.5, "nsd": 0.5}
+
+
+def test_ignored_pixels_are_left_out():
+    true, pred = _square(), _square(1)
+    ignore = np.zeros(true.shape, bool)
+    ignore[:, 19:] = True  # hides the columns where the two squares differ on the right
+    ignore[:, :11] = True  # and on the left
+    result = semantic_scores(true, pred, ignore=ignore)
+    assert result.dice == 1.0
+
+
+def test_surface_dice_full_image_mask():
+    full = np.ones((8, 8), np.uint8)
+    inset = np.zeros((8, 8), np.uint8)
+    inset[1:7, 1:7] = 1
+    # 28 edge pixels vs the 20 of the inset square: 1 pixel apart, except the
+    # 4 image corners, which lie sqrt(2) from the inset's corners.
+    assert semantic_scores(full, inset, tolerance=1).nsd == pytest.approx(44 / 48)
+    assert semantic_scores(full, inset, tolerance=1.5).nsd == 1.0
+    assert semantic_scores(full, inset, tolerance=0.5).nsd == 0.0

@@ -1,22 +1,28 @@
-"""Training targets, mask checks and a short run of the training script."""
+"""Training targets, losses, configs and augmentation (no training loop; see test_training_runs.py)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import CASES, REPO
 
 sys.path.insert(0, str(REPO / "training"))
 
-from dataset import PatchSampler, deep_supervision_weights  # noqa: E402
-from losses import dice_ce_loss  # noqa: E402
+from augment import PatchDataset, group_weights  # noqa: E402
+from config import load_config  # noqa: E402
+from data import IGNORE_INDEX, Pair, Sample, load_sample, pairs_in_folder, semantic_classes, split_pairs  # noqa: E402
+from losses import deep_supervision_weights, dice_ce_loss  # noqa: E402
 from targets import check_instance_mask, instances_to_classes  # noqa: E402
+
+BR17 = CASES / "BR-17"
 
 
 def test_targets_of_two_touching_rectangles():
@@ -75,40 +81,193 @@ def test_dice_ce_loss_small_for_confident_correct_logits():
     assert dice_ce_loss(-logits, target).item() > 1.0
 
 
-def test_patch_sampler_shapes_and_classes():
-    from dataset import Sample
+def test_ignored_pixels_do_not_change_the_loss():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, generator=generator)
+    target = torch.randint(0, 3, (2, 8, 8), generator=generator)
+    with_ignore = target.clone()
+    with_ignore[:, :, :4] = IGNORE_INDEX
+    changed_logits = logits.clone()
+    changed_logits[:, :, :, :4] = 50.0  # only where the target is ignored
+    assert torch.isclose(dice_ce_loss(logits, with_ignore), dice_ce_loss(changed_logits, with_ignore))
+    assert not torch.isclose(dice_ce_loss(logits, target), dice_ce_loss(changed_logits, target))
+    # Everything ignored: finite, not NaN.
+    assert torch.isfinite(dice_ce_loss(logits, torch.full_like(target, IGNORE_INDEX)))
 
-    image = np.random.default_rng(0).random((3, 50, 40), dtype=np.float32)
-    classes = np.zeros((50, 40), np.uint8)
-    classes[10:20, 10:20] = 1
-    sampler = PatchSampler([Sample("s", image, classes, classes.astype(np.int32))], patch_size=64, seed=0)
-    images, targets = sampler.batch(3)
-    assert images.shape == (3, 3, 64, 64)
-    assert targets.shape == (3, 64, 64)
-    assert set(torch.unique(targets).tolist()) <= {0, 1}
+
+# --- configuration ---------------------------------------------------------------------------
 
 
-def test_training_script_writes_loadable_checkpoint(tmp_path):
-    import train
+def test_config_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("task: semantic\ndata:\n  train_dir: somewhere\n  classes: [bg, polyp]\ntrain:\n  epochs: 3\n")
+    config = load_config(path, ["train.lr=5e-4", "train.optimizer=sgd", "data.ignore_value=255"])
+    assert config.task == "semantic"
+    assert config.train.epochs == 3
+    assert config.lr == 5e-4
+    assert config.weight_decay == 3e-5  # the SGD default
+    assert config.data.ignore_value == 255
+    assert config.data.classes == ["bg", "polyp"]
 
-    from napari_xlstm_unet.model.checkpoint import load_checkpoint
 
-    split = tmp_path / "split.csv"
-    split.write_text(
-        "dataset,name,modality,split\n"
-        "br18_train,img_0,fluorescence,train\n"
-        "br18_train,img_1,fluorescence,train\n"
-        "br18_train,img_2,fluorescence,val\n"
-    )
-    out = tmp_path / "model.pt"
-    code = train.main([
-        "--split", str(split), "--data-root", str(CASES / "BR-18"), "--out", str(out),
-        "--epochs", "1", "--iters-per-epoch", "2", "--batch-size", "2", "--patch-size", "64",
-        "--threads", "2",
-    ])
-    assert code == 0
-    loaded = load_checkpoint(out)
-    assert loaded.task == "cells"
-    assert set(loaded.postprocess) == {"prob_threshold", "min_size"}
-    assert loaded.model_card["data"].startswith("split split.csv: 2 training and 1 validation")
-    assert len(loaded.model_card["history"]) == 1
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.epoch=3"], "unknown setting.*train.epoch.*accepted in this section"),
+        (["train.epochs"], "not of the form section.key=value"),
+        (["task=detect"], "task must be one of"),
+        (["train.optimizer=adam"], "train.optimizer must be one of"),
+        (["data.split_csv=a.csv"], "give exactly one data source"),
+        (["data.classes=[bg, a, b, c]", "task=cells"], "exactly 3 classes"),
+    ],
+)
+def test_config_errors_name_the_setting(overrides, message):
+    base = [] if any(o.startswith("data.split_csv") for o in overrides) else ["data.train_dir=x"]
+    if overrides == ["data.split_csv=a.csv"]:
+        base = ["data.train_dir=x", "data.data_root=y"]
+    with pytest.raises(ValueError, match=message):
+        load_config(None, base + overrides)
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO / "training" / "configs").glob("*.yaml")):
+        values = yaml.safe_load(path.read_text())
+        overrides = ["data.train_dir=x"] if values.get("data", {}).get("train_dir", "") is None else []
+        load_config(path, overrides)
+
+
+# --- data and masks ---------------------------------------------------------------------------
+
+
+def test_folder_pairs_match_by_stem_and_report_orphans(tmp_path, caplog):
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for name in ("a.tif", "b.png", "orphan.tif"):
+        (tmp_path / "images" / name).write_bytes(b"")
+    for name in ("a_labels.tif", "b_mask.png", "lonely.tif"):
+        (tmp_path / "masks" / name).write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        pairs = pairs_in_folder(tmp_path)
+    assert [(p.image.name, p.mask.name) for p in pairs] == [("a.tif", "a_labels.tif"), ("b.png", "b_mask.png")]
+    assert "orphan" in caplog.text
+    assert "lonely" in caplog.text
+
+
+def test_seeded_split_keeps_one_validation_image():
+    pairs = [Pair(REPO / f"{i}.tif", REPO / f"{i}_m.tif") for i in range(3)]
+    train, val = split_pairs(pairs, 0.2, seed=0)
+    assert len(val) == 1
+    assert len(train) == 2
+    assert set(train) | set(val) == set(pairs)
+    assert split_pairs(pairs, 0.2, seed=0) == (train, val)
+    assert split_pairs(pairs[:1], 0.2, seed=0) == (pairs[:1], [])
+
+
+def test_semantic_mask_png_and_jpeg(caplog):
+    png = np.asarray(Image.open(BR17 / "br17_mask_0_255.png"))
+    jpeg = np.asarray(Image.open(BR17 / "br17_mask_0_255.jpg").convert("L"))
+    from_png = semantic_classes(png, BR17 / "br17_mask_0_255.png", 2, None)
+    with caplog.at_level(logging.WARNING):
+        from_jpeg = semantic_classes(jpeg, BR17 / "br17_mask_0_255.jpg", 2, None)
+    expected = json.loads((BR17 / "expected.json").read_text())
+    assert set(np.unique(from_png)) <= {0, 1}
+    assert set(np.unique(from_jpeg)) <= {0, 1}
+    assert "br17_mask_0_255.jpg" in caplog.text
+    assert "thresholded at 128" in caplog.text
+    dice = 2 * np.sum(from_png & from_jpeg) / (from_png.sum() + from_jpeg.sum())
+    assert dice >= 0.99
+    assert dice == pytest.approx(expected["dice_jpeg_thresholded_at_128_vs_png"], abs=1e-9)
+    assert from_png.mean() == pytest.approx(expected["foreground_fraction_png"], abs=5e-4)
+
+
+def test_semantic_mask_ignore_band():
+    path = BR17 / "br17_mask_0_1_ignore255.png"
+    mask = np.asarray(Image.open(path))
+    with pytest.raises(ValueError, match=r"br17_mask_0_1_ignore255.png.*\[255\].*data.ignore_value: 255"):
+        semantic_classes(mask, path, 2, None)
+    classes = semantic_classes(mask, path, 2, 255)
+    np.testing.assert_array_equal(classes == IGNORE_INDEX, mask == 255)
+    assert set(np.unique(classes[mask != 255])) == {0, 1}
+
+
+def test_semantic_mask_value_outside_classes_is_an_error():
+    mask = np.array([[0, 1], [2, 3]], np.uint8)
+    with pytest.raises(ValueError, match=r"m.png contains values \[3\] outside the declared classes 0..2"):
+        semantic_classes(mask, "m.png", 3, None)
+
+
+def test_mask_of_another_size_names_both_files(tmp_path):
+    import tifffile
+
+    (tmp_path / "img.tif").write_bytes(b"")
+    tifffile.imwrite(tmp_path / "img.tif", np.zeros((20, 30), np.uint8))
+    tifffile.imwrite(tmp_path / "mask.tif", np.zeros((20, 31), np.uint16))
+    with pytest.raises(ValueError, match=r"mask .*mask.tif is 20 x 31 .* image .*img.tif is 20 x 30"):
+        load_sample(Pair(tmp_path / "img.tif", tmp_path / "mask.tif"), "cells", 3, {})
+
+
+def test_binary_instance_mask_becomes_components(tmp_path, caplog):
+    import tifffile
+
+    mask = np.zeros((32, 32), np.uint8)
+    mask[2:8, 2:8] = 255
+    mask[20:28, 20:28] = 255
+    tifffile.imwrite(tmp_path / "i.tif", np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8))
+    tifffile.imwrite(tmp_path / "m.tif", mask)
+    with caplog.at_level(logging.WARNING):
+        sample = load_sample(Pair(tmp_path / "i.tif", tmp_path / "m.tif"), "cells", 3, {})
+    assert "m.tif" in caplog.text
+    assert sorted(np.unique(sample.labels).tolist()) == [0, 1, 2]
+    assert sample.image.shape == (3, 32, 32)
+
+
+# --- augmentation ------------------------------------------------------------------------------
+
+
+def _disk_sample(size: int = 60) -> Sample:
+    yy, xx = np.mgrid[:size, :size]
+    labels = ((yy - 30) ** 2 + (xx - 30) ** 2 < 100).astype(np.int32)
+    image = np.stack([labels.astype(np.float32)] * 3) + 0.1
+    return Sample("disk", image, instances_to_classes(labels), labels)
+
+
+def test_patches_depend_only_on_seed_epoch_and_index():
+    dataset = PatchDataset([_disk_sample()], patch_size=32, epoch_length=16, seed=3)
+    first = [dataset[i] for i in range(16)]
+    again = PatchDataset([_disk_sample()], patch_size=32, epoch_length=16, seed=3)
+    for i in (0, 7, 15):
+        torch.testing.assert_close(again[i][0], first[i][0], rtol=0, atol=0)
+    dataset.set_epoch(1)
+    assert any(not torch.equal(dataset[i][0], first[i][0]) for i in range(16))
+    image, classes = first[0]
+    assert image.shape == (3, 32, 32)
+    assert image.dtype == torch.float32
+    assert classes.shape == (32, 32)
+    assert classes.dtype == torch.int64
+
+
+def test_augmented_classes_stay_classes_and_foreground_is_oversampled():
+    dataset = PatchDataset([_disk_sample(200)], patch_size=24, epoch_length=64, seed=0, foreground_fraction=1.0)
+    patches = [dataset[i][1] for i in range(64)]
+    assert all(set(torch.unique(p).tolist()) <= {0, 1, 2} for p in patches)
+    # Every patch is centred on the disk, which covers 0.8 % of the image.
+    assert all((p > 0).any() for p in patches)
+    background_only = PatchDataset([_disk_sample(200)], patch_size=24, epoch_length=64, seed=0,
+                                   foreground_fraction=0.0)
+    assert sum(bool((background_only[i][1] > 0).any()) for i in range(64)) < 32
+
+
+def test_group_weights_favour_small_groups():
+    weights = group_weights(["a"] * 4 + ["b"])
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[4] == pytest.approx(2 * weights[0])  # 1/sqrt(1) vs 1/sqrt(4)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
+    ("train.lr=fast", "train.lr must be a number, got 'fast'"),
+    ("model.freeze_encoder=maybe", "model.freeze_encoder must be true or false"),
+])
+def test_config_type_errors_name_the_setting(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, ["data.train_dir=x", override])

@@ -19,7 +19,7 @@ from .._atomic import write_atomically
 from .config import ModelConfig
 from .unet import XLSTMUNet, build_model
 
-__all__ = ["CHECKPOINT_FORMAT", "LoadedModel", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "LoadedModel", "load_checkpoint", "save_checkpoint", "transfer_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,3 +160,48 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         model_card=dict(payload.get("model_card", {})),
         source=str(path),
     )
+
+
+def transfer_weights(model: XLSTMUNet, source: LoadedModel, skip_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """Copy ``source``'s weights into ``model``, which may differ only in skipped tensors.
+
+    Parameters
+    ----------
+    model : XLSTMUNet
+        The network to fill.
+    source : LoadedModel
+        A loaded checkpoint.
+    skip_prefixes : tuple of str
+        Parameter-name prefixes left as initialised in ``model``, for example
+        ``("heads.",)`` when the number of classes changes.
+
+    Returns
+    -------
+    list of str
+        Names of the tensors left out.
+
+    Raises
+    ------
+    ValueError
+        If the two configurations differ in anything that changes a copied
+        tensor; the message names each differing setting with both values.
+    """
+    ours, theirs = model.config.to_dict(), source.config.to_dict()
+    allowed = {"num_classes"} if "heads." in skip_prefixes else set()
+    allowed |= {"deep_supervision"}  # changes no tensor shape
+    differing = [k for k in ours if ours[k] != theirs.get(k) and k not in allowed]
+    if differing:
+        details = ", ".join(f"{k} {theirs.get(k)} vs {ours[k]}" for k in differing)
+        raise ValueError(
+            f"weights in {source.source or 'the checkpoint'} do not fit this network ({details}; "
+            "checkpoint value first); build the network from the checkpoint's own config, or train a new model"
+        )
+    state = {k: v for k, v in source.model.state_dict().items() if not k.startswith(skip_prefixes)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    unexplained = [k for k in missing if not k.startswith(skip_prefixes)]
+    if unexpected or unexplained:
+        raise ValueError(
+            f"weights in {source.source or 'the checkpoint'} do not match this network: "
+            f"missing {unexplained[:5]}, unexpected {unexpected[:5]}"
+        )
+    return list(missing)

@@ -1,0 +1,236 @@
+"""Image/mask pairs for training: discovery, splits, reading and mask checks.
+
+Two sources:
+
+- a split CSV with the columns ``dataset``, ``name``, ``split`` (train, val
+  or test) and optionally ``modality``, resolved under a data root that contains
+  ``<dataset>/images/<name>.tif`` and ``<dataset>/masks/<name>.tif``;
+- folders holding ``images/`` and ``masks/``, pairs matched by file stem (a
+  mask may add ``_labels``, ``_label`` or ``_mask`` to the image's stem).
+  Validation comes from its own folder or a seeded fraction of the pairs.
+
+Mask rules, by task:
+
+- ``cells``: integer instance labels, 0 = background, one id per object.
+  A mask containing only {0, 1} or {0, 255} is binary; its connected components
+  become the objects and a warning names the file, since touching cells merge.
+- ``semantic``: class indices 0..K-1, with ``ignore_value`` (if declared)
+  left out of the loss and the metrics. With K = 2 (background plus one
+  class) a {0, 255} mask is read as background/foreground, and a mask with
+  many grey levels (a binary mask saved as JPEG) is thresholded at 128 with a
+  warning. Any other value outside the declared classes is an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from napari_xlstm_unet.inference.normalize import prepare_image
+from napari_xlstm_unet.io import IMAGE_SUFFIXES, read_image
+from targets import check_instance_mask, instances_to_classes
+
+logger = logging.getLogger(__name__)
+
+# Class-map value of pixels left out of the loss (uint8 class maps, K < 255).
+IGNORE_INDEX = 255
+MASK_SUFFIXES = ("_labels", "_label", "_mask")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One image file, its mask file and its sampling group (modality)."""
+
+    image: Path
+    mask: Path
+    group: str = "all"
+
+
+@dataclass
+class Sample:
+    """One prepared training image.
+
+    Attributes
+    ----------
+    image : numpy.ndarray, float32, shape (C, H, W)
+        Normalised image.
+    classes : numpy.ndarray, uint8, shape (H, W)
+        Training target; ``IGNORE_INDEX`` marks ignored pixels.
+    labels : numpy.ndarray, int32, shape (H, W)
+        What the metrics compare against: instance ids for cells, class
+        indices for semantic tasks.
+    """
+
+    name: str
+    image: np.ndarray
+    classes: np.ndarray
+    labels: np.ndarray
+    group: str = "all"
+
+
+def read_split_csv(split_csv: Path, data_root: Path) -> dict[str, list[Pair]]:
+    """Return the pairs of each split named in a CSV."""
+    splits: dict[str, list[Pair]] = {}
+    with open(split_csv, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            folder = data_root / row["dataset"]
+            image = folder / "images" / f"{row['name']}.tif"
+            mask = folder / "masks" / f"{row['name']}.tif"
+            for path in (image, mask):
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path} listed in {split_csv} not found; check data.data_root")
+            splits.setdefault(row["split"], []).append(Pair(image, mask, row.get("modality") or "all"))
+    return splits
+
+
+def _mask_key(stem: str) -> str:
+    for suffix in MASK_SUFFIXES:
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def pairs_in_folder(folder: str | Path) -> list[Pair]:
+    """Return the image/mask pairs of ``folder/images`` and ``folder/masks``, matched by stem.
+
+    Raises
+    ------
+    FileNotFoundError
+        If either subfolder is missing or no pair matches.
+    """
+    folder = Path(folder)
+    image_dir, mask_dir = folder / "images", folder / "masks"
+    for sub in (image_dir, mask_dir):
+        if not sub.is_dir():
+            raise FileNotFoundError(f"{sub} not found: a training folder must contain images/ and masks/ subfolders")
+
+    def files(directory: Path) -> list[Path]:
+        return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+    images = {p.stem: p for p in files(image_dir)}
+    masks = {_mask_key(p.stem): p for p in files(mask_dir)}
+    pairs = [Pair(images[k], masks[k]) for k in sorted(images) if k in masks]
+    for kind, unmatched in (("images", sorted(set(images) - set(masks))), ("masks", sorted(set(masks) - set(images)))):
+        if unmatched:
+            logger.warning("%d %s in %s have no partner and are left out, e.g. %s",
+                           len(unmatched), kind, folder, unmatched[0])
+    if not pairs:
+        raise FileNotFoundError(
+            f"no image/mask pairs in {folder}: masks must share the image's file stem "
+            f"(optionally with one of {MASK_SUFFIXES})"
+        )
+    return pairs
+
+
+def split_pairs(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Split pairs into training and validation by a seeded permutation.
+
+    At least one pair goes to validation when ``val_fraction > 0`` and there
+    are two pairs or more; with a single pair validation is skipped.
+    """
+    if val_fraction <= 0 or len(pairs) < 2:
+        return list(pairs), []
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    n_val = min(len(pairs) - 1, max(1, round(val_fraction * len(pairs))))
+    val = [pairs[i] for i in sorted(order[:n_val])]
+    train = [pairs[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def resolve_splits(data) -> dict[str, list[Pair]]:
+    """Return ``{"train": [...], "val": [...], "test": [...]}`` from a :class:`DataConfig`."""
+    if data.split_csv:
+        splits = read_split_csv(Path(data.split_csv), Path(data.data_root))
+    else:
+        all_train = pairs_in_folder(data.train_dir)
+        if data.val_dir:
+            splits = {"train": all_train, "val": pairs_in_folder(data.val_dir)}
+        else:
+            train, val = split_pairs(all_train, data.val_fraction, data.split_seed)
+            splits = {"train": train, "val": val}
+        if data.test_dir:
+            splits["test"] = pairs_in_folder(data.test_dir)
+    if not splits.get("train"):
+        raise ValueError("no training pairs found; check the data section of the config")
+    return splits
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    data = np.squeeze(read_image(path).data)
+    if data.ndim != 2:
+        raise ValueError(
+            f"mask {path} has shape {data.shape}; expected one 2D (H, W) label or class image, "
+            "not a colour-coded or multi-page mask"
+        )
+    return data
+
+
+def semantic_classes(mask: np.ndarray, path: Path, n_classes: int, ignore_value: int | None) -> np.ndarray:
+    """Return a uint8 class map from a semantic mask, ignored pixels set to ``IGNORE_INDEX``.
+
+    Raises
+    ------
+    ValueError
+        If the mask contains values outside the declared classes that no rule of
+        the module docstring explains.
+    """
+    mask = np.asarray(mask)
+    if np.issubdtype(mask.dtype, np.floating):
+        if not np.all(np.isfinite(mask)) or np.any(mask != np.round(mask)):
+            raise ValueError(f"mask {path} contains non-integer values; expected class indices 0..{n_classes - 1}")
+        mask = mask.astype(np.int64)
+    ignore = mask == ignore_value if ignore_value is not None else np.zeros(mask.shape, bool)
+    values = np.unique(mask[~ignore])
+    valid = (values >= 0) & (values < n_classes)
+    if valid.all():
+        classes = mask.astype(np.uint8)
+    elif n_classes == 2 and set(values.tolist()) <= {0, 255}:
+        logger.info("mask %s contains only {0, 255}: read as background (0) and foreground (255)", path)
+        classes = (mask == 255).astype(np.uint8)
+    elif n_classes == 2 and len(values) > 3 and mask.max() <= 255 and mask.min() >= 0:
+        logger.warning(
+            "mask %s contains %d grey levels, like a binary mask saved with lossy (JPEG) compression; "
+            "thresholded at 128. Save masks as PNG or TIFF to keep them exact.", path, len(values),
+        )
+        classes = (mask >= 128).astype(np.uint8)
+    else:
+        bad = values[~valid]
+        hint = (
+            f"; if {int(bad[-1])} marks pixels to leave out, set data.ignore_value: {int(bad[-1])}"
+            if len(bad) == 1 else ""
+        )
+        raise ValueError(
+            f"mask {path} contains values {bad[:8].tolist()} outside the declared classes "
+            f"0..{n_classes - 1}{hint}; otherwise list every class in data.classes"
+        )
+    classes[ignore] = IGNORE_INDEX
+    return classes
+
+
+def load_sample(pair: Pair, task: str, in_channels: int, normalization: dict,
+                n_classes: int = 3, ignore_value: int | None = None) -> Sample:
+    """Read one pair, check its mask and build the training target."""
+    image_file = read_image(pair.image)
+    mask = _read_mask(pair.mask)
+    image = prepare_image(image_file.data, in_channels, normalization, has_alpha=image_file.has_alpha)
+    if mask.shape != image.shape[1:]:
+        raise ValueError(
+            f"mask {pair.mask} is {mask.shape[0]} x {mask.shape[1]} pixels but image {pair.image} is "
+            f"{image.shape[1]} x {image.shape[2]}; a mask must match its image's height and width"
+        )
+    if task == "cells":
+        check_instance_mask(mask, pair.mask)
+        values = np.unique(mask)
+        if len(values) == 2 and values[1] in (1, 255):
+            mask = ndi.label(mask > 0)[0]
+        labels = mask.astype(np.int32)
+        classes = instances_to_classes(labels)
+    else:
+        classes = semantic_classes(mask, pair.mask, n_classes, ignore_value)
+        labels = classes.astype(np.int32)
+    return Sample(pair.image.stem, image, classes, labels, pair.group)

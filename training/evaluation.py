@@ -1,0 +1,98 @@
+"""Validation during training, post-processing tuning and the evaluation report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import IGNORE_INDEX, Sample
+from napari_xlstm_unet.inference.postprocess import probabilities_to_labels
+from napari_xlstm_unet.inference.tiling import predict_tiled
+from napari_xlstm_unet.metrics import match_instances, semantic_scores
+
+logger = logging.getLogger(__name__)
+
+THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MIN_SIZE_GRID = (0, 8, 16, 32, 48, 64)
+
+
+def predict_all(model: torch.nn.Module, samples: list[Sample], num_classes: int, device: torch.device,
+                tile_size: int) -> list[np.ndarray]:
+    """Return the (K, H, W) class probabilities of every sample; the model is left in training mode."""
+    model.eval()
+    with torch.inference_mode():
+        probabilities = [
+            predict_tiled(model, s.image, num_classes, tile_size=tile_size, device=device) for s in samples
+        ]
+    model.train()
+    return probabilities
+
+
+def cell_scores(probabilities: list[np.ndarray], samples: list[Sample], threshold: float,
+                min_size: int) -> list[dict]:
+    """Return one row of instance scores (F1 at IoU 0.5 and counts) per image."""
+    rows = []
+    for p, sample in zip(probabilities, samples):
+        result = match_instances(sample.labels, probabilities_to_labels(p, threshold, min_size))
+        rows.append({"image": sample.name, **result.to_dict()})
+    return rows
+
+
+def class_scores(probabilities: list[np.ndarray], samples: list[Sample], tolerance: float,
+                 class_names: list[str]) -> list[dict]:
+    """Return one row of Dice and NSD (mean and per class) per image of a semantic task."""
+    rows = []
+    for p, sample in zip(probabilities, samples):
+        prediction = p.argmax(axis=0)
+        ignore = sample.labels == IGNORE_INDEX
+        result = semantic_scores(sample.labels, prediction, range(1, len(class_names)), tolerance, ignore)
+        row = {"image": sample.name, "dice": result.dice, "nsd": result.nsd, "n_classes": result.n_classes}
+        for class_id, name in enumerate(class_names[1:], start=1):
+            scores = result.per_class.get(class_id, {})
+            row[f"dice_{name}"] = scores.get("dice", "")
+            row[f"nsd_{name}"] = scores.get("nsd", "")
+        rows.append(row)
+    return rows
+
+
+def validation_score(task: str, probabilities, samples, postprocess: dict, tolerance: float,
+                     class_names: list[str]) -> float:
+    """Return the metric that picks the best epoch: mean F1 at 0.5 (cells) or mean Dice."""
+    if task == "cells":
+        rows = cell_scores(probabilities, samples, postprocess["prob_threshold"], postprocess["min_size"])
+        return float(np.mean([r["f1"] for r in rows]))
+    rows = class_scores(probabilities, samples, tolerance, class_names)
+    return float(np.mean([r["dice"] for r in rows]))
+
+
+def tune_postprocess(probabilities, samples) -> tuple[dict, float]:
+    """Grid-search the cell threshold and minimum size on validation images; return the best and its F1."""
+    grid = {
+        (t, m): float(np.mean([r["f1"] for r in cell_scores(probabilities, samples, t, m)]))
+        for t in THRESHOLD_GRID for m in MIN_SIZE_GRID
+    }
+    (threshold, min_size), f1 = max(grid.items(), key=lambda item: item[1])
+    return {"prob_threshold": threshold, "min_size": min_size}, f1
+
+
+def write_report(rows: list[dict], folder: Path, name: str) -> dict:
+    """Write ``<name>.csv`` (one row per image) and ``<name>_summary.json``; return the summary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"images": len(rows)}
+    if rows:
+        with open(folder / f"{name}.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        for key, value in rows[0].items():
+            if key != "image" and isinstance(value, (int, float)):
+                values = [r[key] for r in rows if isinstance(r[key], (int, float))]
+                summary[f"mean_{key}"] = float(np.mean(values))
+    with open(folder / f"{name}_summary.json", "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary
