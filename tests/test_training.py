@@ -271,3 +271,14 @@ def test_group_weights_favour_small_groups():
 def test_config_type_errors_name_the_setting(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, ["data.train_dir=x", override])
+
+
+def test_non_finite_training_image_is_refused_by_name(tmp_path):
+    from data import RefusedPair
+
+    case = CASES / "BR-07"
+    gt = sorted(case.glob("*gt*"))[0]
+    with pytest.raises(RefusedPair, match=r"br07_nonfinite.tif contains 1026 non-finite pixels"):
+        load_sample(Pair(case / "br07_nonfinite.tif", gt), "cells", 3, {})
+    clean = load_sample(Pair(case / "br07_clean.tif", gt), "cells", 3, {})
+    assert np.isfinite(clean.image).all()

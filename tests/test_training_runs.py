@@ -206,3 +206,23 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     assert ranks["digests"] == [weights_digest(last)] * 2
     # Both processes trained: the 2 steps per epoch used 2 patches each (global batch 2).
     assert "2 process(es)" in result.stderr
+
+
+def test_split_csv_run_leaves_out_non_finite_pair(tmp_path, caplog):
+    root = tmp_path / "root"
+    shutil.copytree(BR18, root / "cells")
+    shutil.copy(CASES / "BR-07" / "br07_nonfinite.tif", root / "cells" / "images" / "nan.tif")
+    shutil.copy(CASES / "BR-07" / "br07_gt_labels.tif", root / "cells" / "masks" / "nan.tif")
+    split = tmp_path / "split.csv"
+    split.write_text(
+        "dataset,name,modality,split\n"
+        "cells,img_0,fluorescence,train\ncells,img_1,stained,train\ncells,nan,stained,train\n"
+        "cells,img_2,fluorescence,val\n"
+    )
+    with caplog.at_level(logging.INFO):
+        code = train.main(["--out", str(tmp_path / "run"), "--set", f"data.split_csv={split}",
+                           "--set", f"data.data_root={root}", "--epochs", "1", *QUICK])
+    assert code == 0
+    assert "nan.tif contains 1026 non-finite pixels" in caplog.text
+    assert "2 training, 1 validation, 0 test images" in caplog.text
+    assert (tmp_path / "run" / "model.pt").is_file()

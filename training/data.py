@@ -42,6 +42,10 @@ IGNORE_INDEX = 255
 MASK_SUFFIXES = ("_labels", "_label", "_mask")
 
 
+class RefusedPair(ValueError):
+    """A pair that cannot train (for example non-finite pixels); the run goes on without it."""
+
+
 @dataclass(frozen=True)
 class Pair:
     """One image file, its mask file and its sampling group (modality)."""
@@ -216,6 +220,13 @@ def load_sample(pair: Pair, task: str, in_channels: int, normalization: dict,
                 n_classes: int = 3, ignore_value: int | None = None) -> Sample:
     """Read one pair, check its mask and build the training target."""
     image_file = read_image(pair.image)
+    if np.issubdtype(image_file.data.dtype, np.floating):
+        n_bad = int(image_file.data.size - np.isfinite(image_file.data).sum())
+        if n_bad:
+            raise RefusedPair(
+                f"image {pair.image} contains {n_bad} non-finite pixels (NaN or infinity); a training image "
+                "must be finite, so this pair is left out. Replace those pixels to train on it."
+            )
     mask = _read_mask(pair.mask)
     image = prepare_image(image_file.data, in_channels, normalization, has_alpha=image_file.has_alpha)
     if mask.shape != image.shape[1:]:

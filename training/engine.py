@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from augment import PatchDataset, group_weights
 from config import TrainConfig, save_config
-from data import load_sample, resolve_splits
+from data import RefusedPair, load_sample, resolve_splits
 from evaluation import class_scores, cell_scores, predict_all, tune_postprocess, validation_score, write_report
 from losses import deep_supervision_loss
 from napari_xlstm_unet.model import build_model, preset
@@ -209,8 +209,9 @@ def run(config: TrainConfig, out: Path, resume: bool = False, command: str = "")
     splits = resolve_splits(config.data)
     load = lambda pair: load_sample(pair, task, model_config.in_channels, normalization,  # noqa: E731
                                     len(class_names), config.data.ignore_value)
-    train_samples = [load(p) for p in splits["train"]]
-    val_samples = [load(p) for p in splits.get("val", [])]
+    train_samples, val_samples = _load_all(load, splits["train"]), _load_all(load, splits.get("val", []))
+    if not train_samples:
+        raise TrainingError("every training pair was left out; see the warnings above")
     if config.val.max_images:
         val_samples = val_samples[: config.val.max_images]
     test_pairs = splits.get("test", [])
@@ -346,6 +347,16 @@ def run(config: TrainConfig, out: Path, resume: bool = False, command: str = "")
         model.load_state_dict(load_checkpoint(out / "best.pt").model.state_dict())
     return _finish(config, out, model, model_config, device, task, class_names, normalization,
                    len(train_samples), val_samples, test_pairs, state, init_source, command)
+
+
+def _load_all(load, pairs) -> list:
+    samples = []
+    for pair in pairs:
+        try:
+            samples.append(load(pair))
+        except RefusedPair as error:
+            logger.warning("%s", error)
+    return samples
 
 
 def _check_ranks_agree(model: torch.nn.Module, out: Path, world: int, is_main: bool) -> None:
