@@ -4,7 +4,7 @@ Two sources:
 
 - a split CSV with the columns ``dataset``, ``name``, ``split`` (train, val
   or test) and optionally ``modality``, resolved under a data root that contains
-  ``<dataset>/images/<name>.tif`` and ``<dataset>/masks/<name>.tif``;
+  ``<dataset>/images/<name>.<ext>`` and ``<dataset>/masks/<name>.<ext>``;
 - folders holding ``images/`` and ``masks/``, pairs matched by file stem (a
   mask may add ``_labels``, ``_label`` or ``_mask`` to the image's stem).
   Validation comes from its own folder or a seeded fraction of the pairs.
@@ -83,13 +83,19 @@ def read_split_csv(split_csv: Path, data_root: Path) -> dict[str, list[Pair]]:
     with open(split_csv, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             folder = data_root / row["dataset"]
-            image = folder / "images" / f"{row['name']}.tif"
-            mask = folder / "masks" / f"{row['name']}.tif"
-            for path in (image, mask):
-                if not path.is_file():
-                    raise FileNotFoundError(f"{path} listed in {split_csv} not found; check data.data_root")
+            image = _named_file(folder / "images", row["name"], split_csv)
+            mask = _named_file(folder / "masks", row["name"], split_csv)
             splits.setdefault(row["split"], []).append(Pair(image, mask, row.get("modality") or "all"))
     return splits
+
+
+def _named_file(folder: Path, name: str, split_csv: Path) -> Path:
+    for suffix in IMAGE_SUFFIXES:
+        if (folder / f"{name}{suffix}").is_file():
+            return folder / f"{name}{suffix}"
+    raise FileNotFoundError(
+        f"{folder / name}.* listed in {split_csv} not found (tried {', '.join(IMAGE_SUFFIXES)}); check data.data_root"
+    )
 
 
 def _mask_key(stem: str) -> str:
