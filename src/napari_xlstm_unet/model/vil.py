@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mlstm import mlstm_parallel
+from .mlstm import check_kernel_name, mlstm
 
 __all__ = ["ViLBlock", "ViLLayer2d"]
 
@@ -84,6 +84,12 @@ class ViLBlock(nn.Module):
         Block size of the block-diagonal q, k and v projections.
     conv_kernel_size : int
         Kernel of the causal depthwise convolution.
+    kernel : str
+        mLSTM kernel, one of :data:`napari_xlstm_unet.model.mlstm.KERNELS`.
+        "auto" picks the parallel form for short sequences and the chunkwise
+        form for long ones. The choice changes no parameter.
+    chunk_size : int
+        Tokens per chunk for the chunkwise kernels.
     """
 
     def __init__(
@@ -93,14 +99,21 @@ class ViLBlock(nn.Module):
         num_heads: int = 4,
         qkv_block_size: int = 4,
         conv_kernel_size: int = 4,
+        kernel: str = "auto",
+        chunk_size: int = 64,
     ) -> None:
         super().__init__()
         inner = expansion * dim
         if inner % num_heads:
             raise ValueError(f"inner width {inner} must be divisible by num_heads {num_heads}")
+        check_kernel_name(kernel)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
         self.dim = dim
         self.inner = inner
         self.num_heads = num_heads
+        self.kernel = kernel
+        self.chunk_size = chunk_size
 
         self.norm = nn.LayerNorm(dim, bias=False)
         self.up_proj = nn.Linear(dim, 2 * inner, bias=False)
@@ -147,9 +160,9 @@ class ViLBlock(nn.Module):
         input_gate = self.input_gate(gate_input).transpose(1, 2)  # (B, NH, S)
         forget_gate = self.forget_gate(gate_input).transpose(1, 2)  # (B, NH, S)
 
-        h = mlstm_parallel(
+        h = mlstm(
             self._split_heads(q), self._split_heads(k), self._split_heads(v),
-            input_gate, forget_gate,
+            input_gate, forget_gate, kernel=self.kernel, chunk_size=self.chunk_size,
         )  # (B, NH, S, DH)
         h = self.cell_norm(h)  # (B, S, E)
         h = (h + self.skip_scale * conv_act) * F.silu(z)
@@ -157,7 +170,9 @@ class ViLBlock(nn.Module):
 
 
 # The parallel mLSTM keeps several (B, 4, S, S) float32 tensors alive. At
-# 4,096 tokens each is 268 MB per image, about 2 GB in all.
+# 4,096 tokens each is 268 MB per image, about 2 GB in all. The limit applies
+# only where the parallel kernel is forced: "auto" runs long sequences with
+# the chunkwise kernel, whose memory is linear in the token count.
 MAX_PARALLEL_TOKENS = 4096
 
 
@@ -166,21 +181,28 @@ class ViLLayer2d(nn.Module):
 
     The block always runs in float32, also under autocast, as the reference
     code does: the exponential gates overflow in half precision.
+
+    Parameters
+    ----------
+    channels : int
+        Channels of the feature map, the token width of the block.
+    kernel, chunk_size
+        mLSTM kernel choice, passed to :class:`ViLBlock`.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, kernel: str = "auto", chunk_size: int = 64) -> None:
         super().__init__()
-        self.block = ViLBlock(channels)
+        self.block = ViLBlock(channels, kernel=kernel, chunk_size=chunk_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         tokens = height * width
-        if tokens > MAX_PARALLEL_TOKENS:
-            # NOTE: a chunkwise mLSTM would make this linear in the token count.
+        if self.block.kernel == "parallel" and tokens > MAX_PARALLEL_TOKENS:
             raise ValueError(
                 f"a ViL block got a {height} x {width} feature map ({tokens} tokens); the parallel "
                 f"mLSTM needs memory quadratic in the token count and accepts at most "
-                f"{MAX_PARALLEL_TOKENS}. Use a smaller tile size (--tile-size) or patch size."
+                f"{MAX_PARALLEL_TOKENS}. Use kernel 'auto' or 'chunkwise', or a smaller tile "
+                f"size (--tile-size) or patch size."
             )
         dtype = x.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
