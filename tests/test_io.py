@@ -111,3 +111,43 @@ def test_br25_unicode_names_and_collisions(tmp_path):
 def test_missing_input_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         list_images([tmp_path / "nope"])
+
+
+@pytest.mark.parametrize(
+    "shape, axes, expected_shape, expected_planes",
+    [
+        ((2, 16, 16), "CYX", (2, 16, 16), ""),
+        ((16, 16, 3), "YXS", (3, 16, 16), ""),
+        ((3, 16, 16), "TYX", (3, 1, 16, 16), "T"),
+        ((2, 1, 3, 16, 16), "TZCYX", (2, 3, 16, 16), "T"),
+        ((4, 5, 16, 16), "ZTYX", (4, 5, 1, 16, 16), "ZT"),
+        ((3, 16, 16), "QYX", (3, 16, 16), ""),  # a short unnamed axis is channels
+        ((6, 16, 16), "IYX", (6, 1, 16, 16), "I"),  # a long one is a stack
+        ((1, 1, 16, 16), "QQYX", (1, 16, 16), ""),
+        ((5, 16, 16), None, (5, 1, 16, 16), "Q"),
+        ((16, 16, 4), None, (4, 16, 16), ""),
+    ],
+)
+def test_standardize_axes_layouts(shape, axes, expected_shape, expected_planes):
+    from napari_xlstm_unet.io import standardize_axes
+
+    planes, plane_axes = standardize_axes(np.zeros(shape, np.uint8), axes)
+    assert planes.shape == expected_shape
+    assert plane_axes == expected_planes
+
+
+@pytest.mark.parametrize(
+    "shape, axes, message",
+    [
+        ((3, 16, 16), "YX", "one letter per axis"),
+        ((3, 16, 16), "TYY", "one Y and one X"),
+        ((2, 3, 16, 16), "CSYX", "channel axes"),
+        ((16,), None, "at least 2 axes"),
+    ],
+)
+def test_standardize_axes_errors_name_shape(shape, axes, message):
+    from napari_xlstm_unet.io import standardize_axes
+
+    with pytest.raises(ValueError, match=message) as info:
+        standardize_axes(np.zeros(shape, np.uint8), axes)
+    assert str(shape) in str(info.value)

@@ -282,3 +282,12 @@ def test_non_finite_training_image_is_refused_by_name(tmp_path):
         load_sample(Pair(case / "br07_nonfinite.tif", gt), "cells", 3, {})
     clean = load_sample(Pair(case / "br07_clean.tif", gt), "cells", 3, {})
     assert np.isfinite(clean.image).all()
+
+
+def test_time_stack_training_image_is_rejected_by_name(tmp_path):
+    import tifffile
+
+    case = CASES / "BR-04"
+    tifffile.imwrite(tmp_path / "frame0_mask.tif", tifffile.imread(case / "br04_gt_labels_tyx.tif")[0])
+    with pytest.raises(ValueError, match=r"training image .*br04_tyx_imagej.tif: .*axes TYX.*its own mask"):
+        load_sample(Pair(case / "br04_tyx_imagej.tif", tmp_path / "frame0_mask.tif"), "cells", 3, {})

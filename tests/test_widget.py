@@ -98,16 +98,17 @@ def test_sample_data_opens(make_napari_viewer):
     assert viewer.layers[0].data.shape == (520, 348)
 
 
-def test_stack_layer_reports_error(widget_and_viewer, monkeypatch):
+def test_stack_layer_segments_each_plane(widget_and_viewer, qtbot):
     widget, viewer = widget_and_viewer
-    layer = viewer.add_image(np.zeros((3, 32, 32), np.uint16), name="stack")
+    stack = np.zeros((3, 32, 32), np.uint16)  # constant planes skip the network
+    layer = viewer.add_image(stack, name="stack", scale=(2.0, 0.5, 0.5))
     widget._image.value = layer
-    messages = []
-    monkeypatch.setattr("napari.utils.notifications.show_error", messages.append)
     widget.run()
-    assert widget._worker is None
-    assert "(3, 32, 32)" in messages[0]
-    assert "stack" in messages[0]
+    qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=30_000)
+    labels = viewer.layers[-1]
+    assert labels.data.shape == (3, 32, 32)
+    assert labels.data.max() == 0
+    assert tuple(labels.scale) == (2.0, 0.5, 0.5)
 
 
 def test_singleton_leading_axis_layer_segments(widget_and_viewer, qtbot):

@@ -234,7 +234,14 @@ def load_sample(pair: Pair, task: str, in_channels: int, normalization: dict,
                 "must be finite, so this pair is left out. Replace those pixels to train on it."
             )
     mask = _read_mask(pair.mask)
-    image = prepare_image(image_file.data, in_channels, normalization, has_alpha=image_file.has_alpha)
+    try:
+        image = prepare_image(image_file.data, in_channels, normalization, has_alpha=image_file.has_alpha,
+                              axes=image_file.axes, name=str(pair.image))
+    except ValueError as error:
+        raise ValueError(
+            f"training image {pair.image}: {str(error).split('; ')[0]}. Training takes one 2D image per mask: "
+            "save each frame or slice as its own file with its own mask"
+        ) from error
     if mask.shape != image.shape[1:]:
         raise ValueError(
             f"mask {pair.mask} is {mask.shape[0]} x {mask.shape[1]} pixels but image {pair.image} is "

@@ -66,7 +66,8 @@ def _build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--overlap", type=_fraction(0.0, 0.9, "--overlap"), default=0.125,
                          help="fraction of a window shared with its neighbour")
     segment.add_argument("--device", default=None,
-                         help="cpu or cuda; None picks cuda when PyTorch sees a GPU, else cpu")
+                         help="cpu, cuda or mps (Apple GPUs, always float32); None picks cuda when "
+                              "PyTorch sees a CUDA GPU, else cpu")
     segment.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
                          help="arithmetic of the convolutions; bfloat16 is faster on CPUs with "
                               "native bfloat16 (AVX512-BF16, AMX) and on recent GPUs")
@@ -87,14 +88,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _check_device(device: str | None) -> None:
-    if device is None or not device.startswith("cuda"):
+    # Only a requested GPU is checked, so --device cpu makes no CUDA call.
+    if device is None or not device.startswith(("cuda", "mps")):
         return
     import torch
 
-    if not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(
             f"--device {device} was requested but this PyTorch build sees no CUDA GPU; "
             "use --device cpu, or install a CUDA build of PyTorch"
+        )
+    if device.startswith("mps") and not torch.backends.mps.is_available():
+        raise ValueError(
+            f"--device {device} was requested but PyTorch sees no Apple MPS device; use --device cpu"
         )
 
 
@@ -106,6 +112,13 @@ def _collect_inputs(inputs: list[Path]) -> tuple[list[Path], list[Path]]:
         else:
             missing.append(item)
     return files, missing
+
+
+def _describe_objects(labels: np.ndarray) -> str:
+    if labels.ndim == 2:
+        return f"{int(labels.max())} objects"
+    per_plane = labels.reshape((-1,) + labels.shape[-2:]).max(axis=(1, 2))
+    return f"{len(per_plane)} planes, {int(per_plane.min())} to {int(per_plane.max())} objects per plane"
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -137,15 +150,21 @@ def _segment(args: argparse.Namespace) -> int:
             result = segment_image(
                 image.data, loaded, args.prob_threshold, args.min_size,
                 args.tile_size, args.overlap, image.has_alpha, precision=args.precision,
+                axes=image.axes, name=str(path),
             )
             write_labels(out_path, result.labels, image.resolution, image.resolution_unit,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, axes=result.axes)
+        except MemoryError as error:
+            print(f"failed {path}: out of memory ({error or 'no detail'}); retry with a smaller "
+                  "--tile-size, for example 256, or on a machine with more memory", file=sys.stderr)
+            failed += 1
+            continue
         except (ValueError, OSError, TypeError, RuntimeError) as error:
-            # RuntimeError covers torch failures such as running out of memory.
+            # RuntimeError covers torch failures, torch.OutOfMemoryError among them.
             print(f"failed {path}: {error}", file=sys.stderr)
             failed += 1
             continue
-        print(f"{path} -> {out_path}: {int(result.labels.max())} objects, {result.seconds:.2f} s")
+        print(f"{path} -> {out_path}: {_describe_objects(result.labels)}, {result.seconds:.2f} s")
 
     done = len(files) + len(missing) - failed - skipped
     print(f"done: {done} segmented, {skipped} skipped, {failed} failed")

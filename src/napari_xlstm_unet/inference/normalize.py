@@ -6,24 +6,26 @@ import logging
 
 import numpy as np
 
+from ..io import ACCEPTED_LAYOUTS, MAX_CHANNELS, standardize_axes
+
 __all__ = ["to_channels_first", "normalize_percentile", "prepare_image"]
 
 logger = logging.getLogger(__name__)
 
-MAX_CHANNELS = 4
-
-
 def to_channels_first(
-    image: np.ndarray, has_alpha: bool = False, channels_last: bool | None = None
+    image: np.ndarray,
+    has_alpha: bool = False,
+    channels_last: bool | None = None,
+    axes: str | None = None,
 ) -> np.ndarray:
     """Return a 2D image as (C, H, W).
 
     Accepted layouts: (H, W); (H, W, C) and (C, H, W) with C <= 4; and any of
-    these with extra leading length-1 axes, as napari projections leave them.
-    A 3-axis array is read as channels-last when its last axis has at most 4
-    entries and its first more than 4, and as channels-first in the opposite
-    case. When both are short it is read as channels-last (the RGB
-    convention), unless ``channels_last`` overrides the guess.
+    these with extra length-1 axes, as napari projections leave them.
+    :func:`~napari_xlstm_unet.io.standardize_axes` decides which axis is
+    which: from ``axes`` when given, else from the shape (a 3-axis array is
+    channels-last when its last axis has at most 4 entries, else
+    channels-first when its first has at most 4).
 
     Parameters
     ----------
@@ -33,48 +35,31 @@ def to_channels_first(
         The last channel is transparency (an RGBA or grey + alpha file or
         layer) and is dropped, because the network segments only what was imaged.
     channels_last : bool, optional
-        The layout, when the caller knows it (napari's ``layer.rgb``, a file's
-        photometric tag); guessed as above when None.
+        The layout, when the caller knows it (napari's ``layer.rgb``); used
+        only without ``axes``.
+    axes : str, optional
+        One tifffile letter per axis, as :attr:`~napari_xlstm_unet.io.ImageFile.axes`.
 
     Raises
     ------
     ValueError
-        For a stack (3 or more axes that are not channels), naming the shape.
+        For a stack (a time or z axis, or 3 or more axes that are not
+        channels), or more than 4 channels, naming the shape and axes.
     """
     array = np.asarray(image)
-    squeezed = array
-    while squeezed.ndim > 3 and squeezed.shape[0] == 1:
-        squeezed = squeezed[0]
-    if squeezed.ndim == 3 and squeezed.shape[0] == 1 and squeezed.shape[-1] > MAX_CHANNELS:
-        squeezed = squeezed[0]  # (1, H, W)
-    if squeezed.ndim < 2:
-        raise ValueError(f"expected a 2D image, got an array of shape {array.shape}")
-    if squeezed.ndim == 2:
-        return squeezed[np.newaxis]
-    if squeezed.ndim > 3:
+    planes, plane_axes = standardize_axes(array, axes, channels_last)
+    described = f"{array.shape}" + (f" with axes {axes}" if axes else "")
+    if planes.ndim > 3:
         raise ValueError(
-            f"image of shape {array.shape} has {squeezed.ndim} axes that are not singletons; "
-            f"accepted layouts are (H, W), (H, W, C) and (C, H, W) with C <= {MAX_CHANNELS}; "
-            "select a single 2D plane first"
+            f"image of shape {described} is a stack of {int(np.prod(planes.shape[:-3]))} planes "
+            f"(stack axes {plane_axes}), not one 2D image; {ACCEPTED_LAYOUTS}. segment_image "
+            "segments a stack plane by plane; to_channels_first takes one plane."
         )
-
-    first, last = squeezed.shape[0], squeezed.shape[-1]
-    if channels_last is None:
-        if last <= MAX_CHANNELS:
-            channels_last = True
-        elif first <= MAX_CHANNELS:
-            channels_last = False
-        else:
-            raise ValueError(
-                f"image of shape {array.shape} looks like a stack of {first} planes, not one 2D "
-                f"image; accepted layouts are (H, W), (H, W, C) and (C, H, W) with "
-                f"C <= {MAX_CHANNELS}; select a single plane first"
-            )
-    channels = np.moveaxis(squeezed, -1, 0) if channels_last else squeezed
+    channels = planes
     if channels.shape[0] > MAX_CHANNELS:
         raise ValueError(
-            f"image of shape {array.shape} has {channels.shape[0]} channels; at most "
-            f"{MAX_CHANNELS} are accepted"
+            f"image of shape {described} has {channels.shape[0]} channels; at most "
+            f"{MAX_CHANNELS} are accepted; select or merge channels first"
         )
     if has_alpha and channels.shape[0] in (2, 4):
         channels = channels[:-1]
@@ -129,8 +114,15 @@ def prepare_image(
     normalization: dict | None = None,
     has_alpha: bool = False,
     channels_last: bool | None = None,
+    axes: str | None = None,
+    name: str | None = None,
 ) -> np.ndarray:
     """Return the normalised (in_channels, H, W) float32 array the network reads.
+
+    Every dtype takes the same path: the pixels become float32 first, then
+    percentiles map them to about [0, 1]. No integer cast happens before
+    scaling, and no value range is assumed, so float images in [0, 1], in
+    [-200, 3000] or around 1e-5 give the same result as 8- or 16-bit ones.
 
     Parameters
     ----------
@@ -145,16 +137,28 @@ def prepare_image(
         Drop the last channel as alpha; see :func:`to_channels_first`.
     channels_last : bool, optional
         The layout of a 3-axis image when known; see :func:`to_channels_first`.
+    axes : str, optional
+        One tifffile letter per axis; see :func:`to_channels_first`.
+    name : str, optional
+        The file or layer the image came from, named in warnings.
+
+    Returns
+    -------
+    numpy.ndarray, shape (in_channels, H, W), float32
+        Finite values; non-finite pixels become 0 with a warning.
     """
     normalization = normalization or {}
     kind = normalization.get("kind", "percentile")
     if kind != "percentile":
         raise ValueError(f"unknown normalization kind {kind!r}; expected 'percentile'")
-    channels = to_channels_first(image, has_alpha=has_alpha, channels_last=channels_last)
-    nonfinite = int(channels.size - np.isfinite(channels.astype(np.float32, copy=False)).sum()) \
+    channels = to_channels_first(image, has_alpha=has_alpha, channels_last=channels_last, axes=axes)
+    nonfinite = int(channels.size - np.isfinite(channels).sum()) \
         if np.issubdtype(channels.dtype, np.floating) else 0
     if nonfinite:
-        logger.warning("image contains %d non-finite pixels (NaN or infinity); they are treated as background", nonfinite)
+        logger.warning(
+            "image %s contains %d non-finite pixels (NaN or infinity); they are treated as background",
+            name or f"of shape {np.shape(image)}", nonfinite,
+        )
     normalized = normalize_percentile(
         channels, normalization.get("low", 1.0), normalization.get("high", 99.8)
     )

@@ -6,14 +6,16 @@ import logging
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 
+from ..io import standardize_axes
 from ..model.checkpoint import LoadedModel
 from .normalize import prepare_image
 from .postprocess import probabilities_to_labels
-from .tiling import ProgressCallback, drive, iter_predict_tiled
+from .tiling import ProgressCallback, count_windows, drive, iter_predict_tiled
 
 __all__ = [
     "Segmentation",
@@ -24,6 +26,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def default_device() -> torch.device:
@@ -37,17 +41,22 @@ class Segmentation:
 
     Attributes
     ----------
-    labels : numpy.ndarray, shape (H, W)
-        Instance labels, 0 for background.
-    probabilities : numpy.ndarray, shape (K, H, W)
+    labels : numpy.ndarray, shape (H, W) or (*planes, H, W)
+        Instance labels, 0 for background. Each plane of a stack is numbered
+        on its own, from 1.
+    probabilities : numpy.ndarray, shape (K, H, W) or (*planes, K, H, W)
         Class probabilities, kept so thresholds can change without rerunning the network.
     seconds : float
         Wall time of the whole call.
+    axes : str
+        tifffile letters of the axes of ``labels``: ``"YX"``, or the stack
+        axes first, for example ``"TYX"``.
     """
 
     labels: np.ndarray
     probabilities: np.ndarray
     seconds: float
+    axes: str = "YX"
 
 
 def predict_probabilities(
@@ -68,6 +77,52 @@ def predict_probabilities(
     return drive(steps, progress, should_stop)
 
 
+def _offset_progress(
+    steps: Generator[tuple[int, int], None, T], offset: int, total: int
+) -> Generator[tuple[int, int], None, T]:
+    """Re-yield a plane's ``(done, plane_total)`` as progress through the whole stack."""
+    while True:
+        try:
+            done, _ = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield offset + done, total
+
+
+def _iter_segment_plane(
+    channels: np.ndarray,
+    loaded: LoadedModel,
+    params: dict,
+    tile_size: int,
+    overlap: float,
+    has_alpha: bool,
+    precision: str,
+    name: str,
+) -> Generator[tuple[int, int], None, tuple[np.ndarray, np.ndarray]]:
+    """Segment one (C, H, W) plane, yielding ``(done, total)`` per window."""
+    prepared = prepare_image(
+        channels, loaded.config.in_channels, loaded.normalization, has_alpha, axes="CYX", name=name
+    )
+    if not prepared.any():
+        # Normalisation maps constant (or all non-finite) images to zeros. They
+        # hold nothing to segment, and the network invents edge objects there.
+        logger.warning("image %s has no contrast; returning empty labels", name)
+        windows = count_windows(prepared.shape[1], prepared.shape[2], tile_size, overlap)
+        yield windows, windows
+        probabilities = np.zeros((loaded.config.num_classes,) + prepared.shape[1:], np.float32)
+        probabilities[0] = 1.0
+        return np.zeros(prepared.shape[1:], np.uint16), probabilities
+
+    device = next(loaded.model.parameters()).device
+    probabilities = yield from iter_predict_tiled(
+        loaded.model, prepared, loaded.config.num_classes, tile_size, overlap, device, precision
+    )
+    labels = probabilities_to_labels(
+        probabilities, prob_threshold=params["prob_threshold"], min_size=params["min_size"]
+    )
+    return labels, probabilities
+
+
 def iter_segment_image(
     image: np.ndarray,
     loaded: LoadedModel,
@@ -78,11 +133,14 @@ def iter_segment_image(
     has_alpha: bool = False,
     channels_last: bool | None = None,
     precision: str = "float32",
+    axes: str | None = None,
+    name: str | None = None,
 ) -> Generator[tuple[int, int], None, Segmentation]:
     """Generator form of :func:`segment_image`: yields ``(done, total)`` per window.
 
     Its return value is the :class:`Segmentation`. napari's ``thread_worker``
-    runs it directly, which gives progress and cancel between windows.
+    runs it directly, which gives progress and cancel between windows. For a
+    stack, ``done`` and ``total`` count the windows of all planes.
     """
     if loaded.task != "cells":
         raise ValueError(
@@ -90,34 +148,47 @@ def iter_segment_image(
             "segment_image needs a 'cells' model with interior and boundary classes"
         )
     start = time.perf_counter()
-    prepared = prepare_image(
-        image, loaded.config.in_channels, loaded.normalization, has_alpha, channels_last
-    )
-    if not prepared.any():
-        # Normalisation maps constant (or all non-finite) images to zeros. They
-        # hold nothing to segment, and the network invents edge objects there.
-        logger.warning("image %s has no contrast; returning empty labels", image.shape)
-        yield 1, 1
-        probabilities = np.zeros((loaded.config.num_classes,) + prepared.shape[1:], np.float32)
-        probabilities[0] = 1.0
-        return Segmentation(np.zeros(prepared.shape[1:], np.uint16), probabilities,
-                            time.perf_counter() - start)
-
-    device = next(loaded.model.parameters()).device
-    probabilities = yield from iter_predict_tiled(
-        loaded.model, prepared, loaded.config.num_classes, tile_size, overlap, device, precision
-    )
+    name = name or f"of shape {np.shape(image)}"
+    planes, plane_axes = standardize_axes(image, axes, channels_last)
+    plane_shape = planes.shape[:-3]
+    flat = planes.reshape((-1,) + planes.shape[-3:])
     params = dict(loaded.postprocess)
     if prob_threshold is not None:
         params["prob_threshold"] = prob_threshold
     if min_size is not None:
         params["min_size"] = min_size
-    labels = probabilities_to_labels(
-        probabilities, prob_threshold=params["prob_threshold"], min_size=params["min_size"]
-    )
+
+    n_planes = flat.shape[0]
+    if n_planes > 1:
+        logger.info("image %s is a stack of %d planes (axes %s); segmenting each plane on its own",
+                    name, n_planes, plane_axes)
+    windows = count_windows(flat.shape[2], flat.shape[3], tile_size, overlap)
+    all_labels, all_probabilities = [], []
+    for index in range(n_planes):
+        plane_name = name if n_planes == 1 else f"{name}, plane {index + 1} of {n_planes}"
+        steps = _iter_segment_plane(
+            flat[index], loaded, params, tile_size, overlap, has_alpha, precision, plane_name
+        )
+        labels, probabilities = yield from _offset_progress(steps, index * windows, n_planes * windows)
+        all_labels.append(labels)
+        all_probabilities.append(probabilities)
+
+    if n_planes == 1:
+        labels, probabilities = all_labels[0], all_probabilities[0]
+    else:
+        dtype = max((plane.dtype for plane in all_labels), key=lambda dtype: dtype.itemsize)
+        labels = np.stack(all_labels).astype(dtype, copy=False).reshape(plane_shape + flat.shape[2:])
+        probabilities = np.stack(all_probabilities).reshape(
+            plane_shape + all_probabilities[0].shape
+        )
     seconds = time.perf_counter() - start
-    logger.info("segmented %s image: %d objects in %.2f s", image.shape, labels.max(), seconds)
-    return Segmentation(labels=labels, probabilities=probabilities, seconds=seconds)
+    if n_planes == 1:
+        logger.info("segmented image %s: %d objects in %.2f s", name, labels.max(), seconds)
+    else:
+        logger.info("segmented image %s: %d planes, up to %d objects per plane in %.2f s",
+                    name, n_planes, labels.max(), seconds)
+    return Segmentation(labels=labels, probabilities=probabilities, seconds=seconds,
+                        axes=plane_axes + "YX")
 
 
 def segment_image(
@@ -132,13 +203,18 @@ def segment_image(
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     precision: str = "float32",
+    axes: str | None = None,
+    name: str | None = None,
 ) -> Segmentation:
-    """Segment cells or nuclei in one 2D image.
+    """Segment cells or nuclei in one 2D image, or in each plane of a stack.
 
     Parameters
     ----------
     image : numpy.ndarray
-        (H, W), (H, W, C) or (C, H, W) with C <= 4; any integer or float dtype.
+        (H, W), (H, W, C) or (C, H, W) with C <= 4, any integer or float
+        dtype; or a stack of those, such as (T, H, W). Which axis is which
+        comes from ``axes``, else from the shape; see
+        :func:`~napari_xlstm_unet.io.standardize_axes`.
     loaded : LoadedModel
         A cell model from :func:`~napari_xlstm_unet.pretrained.load_model`
         or :func:`~napari_xlstm_unet.model.checkpoint.load_checkpoint`.
@@ -149,21 +225,31 @@ def segment_image(
     has_alpha : bool
         The last channel is transparency and is dropped.
     channels_last : bool, optional
-        The layout of a 3-axis image when known; guessed when None.
+        The layout of a 3-axis image without ``axes`` when known; guessed when None.
     progress, should_stop : callable, optional
         Progress report ``progress(done, total)`` and cancellation check; a
         cancel raises :class:`~napari_xlstm_unet.inference.tiling.Cancelled`.
     precision : {"float32", "bfloat16"}
         Arithmetic of the convolutions; bfloat16 is faster on CPUs with native
-        support and gave the same validation F1 to 3 decimals.
+        support and gave the same validation F1 to 3 decimals. Apple MPS
+        always runs in float32; see
+        :func:`~napari_xlstm_unet.inference.tiling.select_precision`.
+    axes : str, optional
+        One tifffile letter per axis of ``image``, as
+        :attr:`~napari_xlstm_unet.io.ImageFile.axes` gives: ``"CYX"`` and
+        ``"YXS"`` are channels, ``"TYX"`` and ``"ZYX"`` are stacks.
+    name : str, optional
+        The file or layer the image came from, named in warnings and logs.
 
     Returns
     -------
     Segmentation
-        Labels (H, W), probabilities (3, H, W) and timing.
+        Labels (H, W), probabilities (3, H, W) and timing; a stack gives
+        labels (*planes, H, W), each plane normalised and segmented exactly
+        as it would be alone.
     """
     steps = iter_segment_image(
         image, loaded, prob_threshold, min_size, tile_size, overlap, has_alpha, channels_last,
-        precision,
+        precision, axes, name,
     )
     return drive(steps, progress, should_stop)

@@ -9,7 +9,17 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-__all__ = ["Cancelled", "drive", "gaussian_weights", "iter_predict_tiled", "predict_tiled", "tile_starts"]
+__all__ = [
+    "Cancelled",
+    "count_windows",
+    "drive",
+    "gaussian_weights",
+    "iter_predict_tiled",
+    "predict_tiled",
+    "select_precision",
+    "tile_starts",
+    "tile_to_device",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +49,79 @@ def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     starts = list(range(0, length - tile, step))
     starts.append(length - tile)
     return starts
+
+
+def count_windows(height: int, width: int, tile: int, overlap: float) -> int:
+    """Return how many windows :func:`iter_predict_tiled` runs on a (height, width) image.
+
+    Parameters
+    ----------
+    height, width : int
+        Image size in pixels.
+    tile : int
+        Window side in pixels.
+    overlap : float
+        Fraction of a window shared with its neighbour.
+    """
+    return len(tile_starts(height, tile, overlap)) * len(tile_starts(width, tile, overlap))
+
+
+def select_precision(device: torch.device | str, precision: str) -> str:
+    """Return the precision to run on ``device``: ``precision``, or float32 without bfloat16 support.
+
+    Apple's MPS backend rejects float64 tensors, and bfloat16 works there only
+    on recent macOS versions, so MPS always runs in float32. A CUDA GPU for
+    which ``torch.cuda.is_bf16_supported()`` is False also falls back to
+    float32. Only a CUDA device is asked about CUDA, so a CPU run makes no
+    CUDA call.
+
+    Parameters
+    ----------
+    device : torch.device or str
+        Where the network runs.
+    precision : {"float32", "bfloat16"}
+        The requested arithmetic of the convolutions.
+
+    Returns
+    -------
+    str
+        ``"float32"`` or ``"bfloat16"``.
+
+    Raises
+    ------
+    ValueError
+        If ``precision`` is not one of ``PRECISIONS``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    if precision != "bfloat16":
+        return precision
+    if device.type == "mps":
+        # NOTE: no MPS run has been tested; the rule follows PyTorch's MPS dtype limits.
+        logger.warning("bfloat16 is not used on Apple MPS; running in float32")
+        return "float32"
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        logger.warning("this CUDA GPU does not support bfloat16; running in float32")
+        return "float32"
+    return precision
+
+
+def tile_to_device(tile: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """Return a (1, C, h, w) float32 tensor of a (C, h, w) window on ``device``.
+
+    The cast to float32 happens on the CPU, before the transfer, because MPS
+    has no float64 and a float64 tensor would double the transfer size.
+
+    Parameters
+    ----------
+    tile : numpy.ndarray, shape (C, h, w)
+        One window of the normalised image, any float dtype.
+    device : torch.device or str
+        Where the network runs.
+    """
+    array = np.ascontiguousarray(tile, dtype=np.float32)
+    return torch.from_numpy(array).unsqueeze(0).to(device)
 
 
 def gaussian_weights(height: int, width: int, sigma_scale: float = 0.125) -> np.ndarray:
@@ -77,9 +160,8 @@ def iter_predict_tiled(
         raise ValueError(f"overlap must be a fraction in [0, 0.9], got {overlap}")
     if tile_size < 16:
         raise ValueError(f"tile_size must be at least 16 pixels, got {tile_size}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = torch.device(device)
+    precision = select_precision(device, precision)
     _, height, width = image.shape
     tile_h, tile_w = min(tile_size, height), min(tile_size, width)
     windows = [
@@ -95,11 +177,11 @@ def iter_predict_tiled(
     probabilities = np.zeros((num_classes, height, width), dtype=np.float32)
     weight_sum = np.zeros((height, width), dtype=np.float32)
     for index, (y, x) in enumerate(windows):
-        tile = torch.from_numpy(np.ascontiguousarray(image[:, y:y + tile_h, x:x + tile_w]))
         with torch.inference_mode(), torch.autocast(
             device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"
         ):
-            logits = model(tile.unsqueeze(0).to(device))  # (1, K, tile_h, tile_w)
+            tile = tile_to_device(image[:, y:y + tile_h, x:x + tile_w], device)
+            logits = model(tile)  # (1, K, tile_h, tile_w)
             tile_prob = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
         probabilities[:, y:y + tile_h, x:x + tile_w] += tile_prob * weights
         weight_sum[y:y + tile_h, x:x + tile_w] += weights
@@ -148,8 +230,9 @@ def predict_tiled(
     ----------
     model : torch.nn.Module
         Network in eval mode returning logits of shape (1, num_classes, h, w).
-    image : numpy.ndarray, shape (C, H, W), float32
-        Normalised input.
+    image : numpy.ndarray, shape (C, H, W)
+        Normalised input; windows are cast to float32 before they move to
+        ``device``.
     num_classes : int
         Output channels of the network.
     tile_size : int
