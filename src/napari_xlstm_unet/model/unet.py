@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import ResidualBlock, UpsampleProject, make_stage
+from .blocks import IdentityResidualBlock, ResidualBlock, UpsampleProject, make_stage
 from .config import ModelConfig
 from .vil import ViLLayer2d
 
@@ -20,7 +20,9 @@ class XLSTMUNet(nn.Module):
 
     Any input height and width works: the input is padded (reflect where
     possible, else replicate) to a multiple of the total stride, and at least
-    two pixels at the bottleneck, and the logits are cropped back.
+    two pixels at the bottleneck, and the logits are cropped back. The
+    exception is channel-token mode (``config.vil_channel_tokens``): its
+    inputs must pad to ``config.patch_size``.
 
     Parameters
     ----------
@@ -41,13 +43,26 @@ class XLSTMUNet(nn.Module):
         widths, strides = config.widths, config.strides
         n_stages = len(widths)
 
+        # The stem's identity blocks live in their own container, so that
+        # checkpoints of one-block stems keep their parameter names.
         self.stem = ResidualBlock(config.in_channels, widths[0])
+        self.stem_identity = nn.Sequential(
+            *[IdentityResidualBlock(widths[0]) for _ in range(config.stem_blocks - 1)]
+        )
         self.encoder = nn.ModuleList()
         previous = widths[0]
         for s in range(n_stages):
             self.encoder.append(make_stage(previous, widths[s], strides[s], config.encoder_blocks[s]))
             previous = widths[s]
-        self.vil = nn.ModuleDict({str(s): ViLLayer2d(widths[s]) for s in config.vil_stages})
+        channel_token_grids = config.channel_token_grids
+        self.vil = nn.ModuleDict({
+            str(s): ViLLayer2d(
+                widths[s],
+                directions=config.vil_directions,
+                channel_token_grid=channel_token_grids.get(s),
+            )
+            for s in config.vil_stages
+        })
 
         # Decoder stage s (0 = full resolution) takes stage s + 1's output.
         self.upsample = nn.ModuleList()
@@ -82,11 +97,34 @@ class XLSTMUNet(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         return x, height, width
 
+    def _check_channel_token_size(self, padded_height: int, padded_width: int, height: int, width: int) -> None:
+        # Channel-token ViLs have weights sized for one feature-map size, so
+        # the padded input must equal the planned patch size.
+        if not self.config.channel_token_grids:
+            return
+        patch_h, patch_w = self.config.patch_size
+        if (padded_height, padded_width) == (patch_h, patch_w):
+            return
+        stride = self.config.total_stride
+
+        def smallest_side(planned: int) -> int:
+            # Padding rounds up to a multiple of the stride, at least twice it.
+            return 1 if planned == 2 * stride else planned - stride + 1
+
+        raise ValueError(
+            f"this network uses channel-token ViL layers built for {patch_h} x {patch_w} inputs, "
+            f"so each input side must pad to the planned size: height {smallest_side(patch_h)} to "
+            f"{patch_h} and width {smallest_side(patch_w)} to {patch_w} pixels; got {height} x {width}. "
+            f"Predict in {patch_h} x {patch_w} windows (tile size), or build the network without "
+            f"vil_channel_tokens."
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         x, height, width = self._pad(x)
+        self._check_channel_token_size(x.shape[-2], x.shape[-1], height, width)
 
         skips = []
-        x = self.stem(x)
+        x = self.stem_identity(self.stem(x))
         for s, stage in enumerate(self.encoder):
             x = stage(x)
             if str(s) in self.vil:

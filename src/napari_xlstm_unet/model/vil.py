@@ -177,36 +177,91 @@ MAX_PARALLEL_TOKENS = 4096
 
 
 class ViLLayer2d(nn.Module):
-    """Apply a ViL block to a feature map, tokens in row-major order from the top left.
+    """Apply one or two ViL blocks to a feature map of shape (B, C, H, W).
 
-    The block always runs in float32, also under autocast, as the reference
-    code does: the exponential gates overflow in half precision.
+    By default the tokens are the pixels, in row-major order from the top
+    left, each C wide. The blocks always run in float32, also under
+    autocast, as the reference code does: the exponential gates overflow in
+    half precision.
 
     Parameters
     ----------
     channels : int
-        Channels of the feature map, the token width of the block.
+        Channels C of the feature map.
     kernel, chunk_size
         mLSTM kernel choice, passed to :class:`ViLBlock`.
+    directions : {1, 2}
+        1 runs one block from the top-left token. 2 adds a second block that
+        reads the sequence from the bottom-right token: the tokens are
+        flipped before it and flipped back after it, as in Vision-LSTM v2's
+        block pair. The second block's parameters are ``reverse_block.*``.
+    channel_token_grid : tuple of int, optional
+        (height, width) of the feature map for channel-token mode, the
+        reference ``enc`` network's mode for stages with few pixels. The
+        tokens are then the C channels in index order, each H*W wide, and
+        the layer accepts only feature maps of this size. Where H*W is not a
+        multiple of 4, the q/k/v blocks and the mLSTM heads drop to 2, as in
+        the reference code.
     """
 
-    def __init__(self, channels: int, kernel: str = "auto", chunk_size: int = 64) -> None:
+    def __init__(
+        self,
+        channels: int,
+        kernel: str = "auto",
+        chunk_size: int = 64,
+        directions: int = 1,
+        channel_token_grid: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
-        self.block = ViLBlock(channels, kernel=kernel, chunk_size=chunk_size)
+        if directions not in (1, 2):
+            raise ValueError(f"directions must be 1 or 2, got {directions!r}")
+        self.channels = channels
+        self.directions = directions
+        self.channel_token_grid = tuple(channel_token_grid) if channel_token_grid else None
+
+        block_options: dict = dict(kernel=kernel, chunk_size=chunk_size)
+        if self.channel_token_grid is None:
+            dim = channels
+        else:
+            dim = self.channel_token_grid[0] * self.channel_token_grid[1]
+            block_size = 4 if dim % 4 == 0 else 2
+            block_options.update(num_heads=block_size, qkv_block_size=block_size)
+        self.block = ViLBlock(dim, **block_options)
+        self.reverse_block = ViLBlock(dim, **block_options) if directions == 2 else None
+
+    def _check_size(self, channels: int, height: int, width: int) -> None:
+        if channels != self.channels:
+            raise ValueError(f"expected a feature map with {self.channels} channels, got {channels}")
+        if self.channel_token_grid is not None and (height, width) != self.channel_token_grid:
+            expected_h, expected_w = self.channel_token_grid
+            raise ValueError(
+                f"this ViL layer uses channel tokens {expected_h * expected_w} wide, so it needs a "
+                f"{expected_h} x {expected_w} feature map, got {height} x {width}"
+            )
+        tokens = channels if self.channel_token_grid is not None else height * width
+        if self.block.kernel == "parallel" and tokens > MAX_PARALLEL_TOKENS:
+            raise ValueError(
+                f"a ViL block got {tokens} tokens from a {channels} x {height} x {width} feature "
+                f"map; the parallel mLSTM needs memory quadratic in the token count and accepts "
+                f"at most {MAX_PARALLEL_TOKENS}. Use kernel 'auto' or 'chunkwise', or a smaller "
+                f"tile size (--tile-size) or patch size."
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        tokens = height * width
-        if self.block.kernel == "parallel" and tokens > MAX_PARALLEL_TOKENS:
-            raise ValueError(
-                f"a ViL block got a {height} x {width} feature map ({tokens} tokens); the parallel "
-                f"mLSTM needs memory quadratic in the token count and accepts at most "
-                f"{MAX_PARALLEL_TOKENS}. Use kernel 'auto' or 'chunkwise', or a smaller tile "
-                f"size (--tile-size) or patch size."
-            )
+        self._check_size(channels, height, width)
         dtype = x.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
-            tokens = x.float().flatten(2).transpose(1, 2)  # (B, H*W, C)
+            if self.channel_token_grid is None:
+                tokens = x.float().flatten(2).transpose(1, 2)  # (B, H*W, C)
+            else:
+                tokens = x.float().flatten(2)  # (B, C, H*W): channels are the tokens
             tokens = self.block(tokens)
-            out = tokens.transpose(1, 2).reshape(batch, channels, height, width)
+            if self.reverse_block is not None:
+                # Flipping the token axis makes the block read from the bottom right.
+                tokens = self.reverse_block(tokens.flip(1)).flip(1)
+            if self.channel_token_grid is None:
+                out = tokens.transpose(1, 2).reshape(batch, channels, height, width)
+            else:
+                out = tokens.reshape(batch, channels, height, width)
         return out.to(dtype)
