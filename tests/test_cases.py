@@ -477,9 +477,9 @@ def test_br22_large_image_keeps_viewer_responsive(make_napari_viewer, qtbot, mon
     added_at: list[float] = []
     add_labels = SegmentWidget._add_labels
 
-    def timed_add_labels(self, labels, layer_kwargs):
+    def timed_add_labels(self, result, layer_kwargs):
         added_at.append(time.perf_counter())
-        add_labels(self, labels, layer_kwargs)
+        add_labels(self, result, layer_kwargs)
 
     monkeypatch.setattr(SegmentWidget, "_add_labels", timed_add_labels)
     ticks: list[float] = []

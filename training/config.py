@@ -57,7 +57,8 @@ class ModelSection:
     """Network shape, or the checkpoint to start from."""
 
     preset: str = "small"
-    xlstm: str = "bot"
+    xlstm: str = "bot"  # none, bot, enc or full
+    vil_directions: int = 1  # 2: a second ViL block reads the tokens from the bottom right
     # A checkpoint path or a shipped model name ("cells"): fine-tuning.
     init: str | None = None
     freeze_encoder: bool = False

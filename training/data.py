@@ -33,12 +33,11 @@ from scipy import ndimage as ndi
 
 from napari_xlstm_unet.inference.normalize import prepare_image
 from napari_xlstm_unet.io import IMAGE_SUFFIXES, read_image
+from napari_xlstm_unet.masks import IGNORE_INDEX, semantic_classes  # noqa: F401 (re-exported)
 from targets import check_instance_mask, instances_to_classes
 
 logger = logging.getLogger(__name__)
 
-# Class-map value of pixels left out of the loss (uint8 class maps, K < 255).
-IGNORE_INDEX = 255
 MASK_SUFFIXES = ("_labels", "_label", "_mask")
 
 
@@ -178,48 +177,6 @@ def _read_mask(path: Path) -> np.ndarray:
             "not a colour-coded or multi-page mask"
         )
     return data
-
-
-def semantic_classes(mask: np.ndarray, path: Path, n_classes: int, ignore_value: int | None) -> np.ndarray:
-    """Return a uint8 class map from a semantic mask, ignored pixels set to ``IGNORE_INDEX``.
-
-    Raises
-    ------
-    ValueError
-        If the mask contains values outside the declared classes that no rule of
-        the module docstring explains.
-    """
-    mask = np.asarray(mask)
-    if np.issubdtype(mask.dtype, np.floating):
-        if not np.all(np.isfinite(mask)) or np.any(mask != np.round(mask)):
-            raise ValueError(f"mask {path} contains non-integer values; expected class indices 0..{n_classes - 1}")
-        mask = mask.astype(np.int64)
-    ignore = mask == ignore_value if ignore_value is not None else np.zeros(mask.shape, bool)
-    values = np.unique(mask[~ignore])
-    valid = (values >= 0) & (values < n_classes)
-    if valid.all():
-        classes = mask.astype(np.uint8)
-    elif n_classes == 2 and set(values.tolist()) <= {0, 255}:
-        logger.info("mask %s contains only {0, 255}: read as background (0) and foreground (255)", path)
-        classes = (mask == 255).astype(np.uint8)
-    elif n_classes == 2 and len(values) > 3 and mask.max() <= 255 and mask.min() >= 0:
-        logger.warning(
-            "mask %s contains %d grey levels, like a binary mask saved with lossy (JPEG) compression; "
-            "thresholded at 128. Save masks as PNG or TIFF to keep them exact.", path, len(values),
-        )
-        classes = (mask >= 128).astype(np.uint8)
-    else:
-        bad = values[~valid]
-        hint = (
-            f"; if {int(bad[-1])} marks pixels to leave out, set data.ignore_value: {int(bad[-1])}"
-            if len(bad) == 1 else ""
-        )
-        raise ValueError(
-            f"mask {path} contains values {bad[:8].tolist()} outside the declared classes "
-            f"0..{n_classes - 1}{hint}; otherwise list every class in data.classes"
-        )
-    classes[ignore] = IGNORE_INDEX
-    return classes
 
 
 def load_sample(pair: Pair, task: str, in_channels: int, normalization: dict,

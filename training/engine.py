@@ -107,7 +107,8 @@ def build_network(config: TrainConfig, n_classes: int) -> tuple[torch.nn.Module,
     copied except the output heads (``heads.*``), which are re-initialised.
     """
     if not config.model.init:
-        model_config = preset(config.model.preset, in_channels=3, num_classes=n_classes, xlstm=config.model.xlstm)
+        model_config = preset(config.model.preset, in_channels=3, num_classes=n_classes, xlstm=config.model.xlstm,
+                              vil_directions=config.model.vil_directions)
         return build_model(model_config), model_config, dict(DEFAULT_NORMALIZATION), None
     path = resolve_model_path(config.model.init)
     source = load_checkpoint(path)

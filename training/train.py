@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="continue the run in --out from last.pt, with its saved config.yaml")
     parser.add_argument("--init", help="start from this checkpoint or shipped model name (fine-tuning)")
     parser.add_argument("--freeze-encoder", action="store_true", help="train only the decoder and heads")
-    parser.add_argument("--xlstm", choices=["none", "bot", "enc"], help="where the ViL blocks go")
+    parser.add_argument("--xlstm", choices=["none", "bot", "enc", "full"], help="where the ViL blocks go")
     parser.add_argument("--epochs", type=int, help="number of epochs")
     parser.add_argument("--seed", type=int, help="seed of weights and patches")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")

@@ -1,4 +1,4 @@
-"""Command line: ``xlstm-unet segment`` and ``xlstm-unet evaluate``."""
+"""Command line: ``xlstm-unet segment`` and ``xlstm-unet evaluate``, for cells and endoscopy."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="log progress and timings")
 
     parser = argparse.ArgumentParser(
-        prog="xlstm-unet", description="Segment cells and nuclei with a 2D xLSTM-UNet.",
+        prog="xlstm-unet", description="Segment cells, nuclei and endoscopy frames with a 2D xLSTM-UNet.",
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -50,12 +50,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
     segment = commands.add_parser(
         "segment", parents=[common], formatter_class=formatter,
-        help="write <stem>_labels.tif instance labels for each input image",
+        help="write <stem>_labels.tif labels (cell instances or endoscopy classes) for each input image",
     )
+    segment.add_argument("--task", choices=["cells", "endoscopy"], default="cells",
+                         help="cells: instance labels of nuclei and cells; endoscopy: class maps of RGB frames")
     segment.add_argument("inputs", nargs="+", type=Path, help="image files or folders of images")
     segment.add_argument("--out", type=Path, required=True, help="output folder")
-    segment.add_argument("--model", default="cells",
-                         help="shipped model name or checkpoint file (.pt)")
+    segment.add_argument("--model", default=None,
+                         help="shipped model name (cells, polyps, instruments) or checkpoint file (.pt); "
+                              "None uses the task's default: cells, or polyps for endoscopy")
     segment.add_argument("--prob-threshold", type=_fraction(0.0, 1.0, "--prob-threshold"),
                          default=None,
                          help="interior probability that seeds an object; None uses the model's tuned value")
@@ -75,15 +78,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate", parents=[common], formatter_class=formatter,
-        help="score predicted labels against ground truth (F1 at an IoU threshold)",
+        help="score predictions against ground truth: F1 at an IoU threshold (cells), Dice and NSD (endoscopy)",
     )
+    evaluate.add_argument("--task", choices=["cells", "endoscopy"], default="cells",
+                          help="cells: instance matching; endoscopy: per-class Dice and NSD of class maps")
     evaluate.add_argument("pred_dir", type=Path, help="folder of predicted label images")
     evaluate.add_argument("gt_dir", type=Path, help="folder of ground-truth label images")
     evaluate.add_argument("--csv", type=Path, default=None, help="write per-image rows to this CSV file")
     evaluate.add_argument("--iou", type=_fraction(0.0, 1.0, "--iou"), default=0.5,
                           help="IoU threshold of a true positive")
     evaluate.add_argument("--border-width", type=_integer_at_least(0, "--border-width"), default=2,
-                          help="ignore objects touching this many edge pixels (0 keeps all)")
+                          help="cells: ignore objects touching this many edge pixels (0 keeps all)")
+    evaluate.add_argument("--tolerance", type=float, default=2.0,
+                          help="endoscopy: NSD tolerance in pixels")
+    evaluate.add_argument("--ignore-value", type=int, default=None,
+                          help="endoscopy: ground-truth value left out of the scores, for example 255")
     return parser
 
 
@@ -114,7 +123,10 @@ def _collect_inputs(inputs: list[Path]) -> tuple[list[Path], list[Path]]:
     return files, missing
 
 
-def _describe_objects(labels: np.ndarray) -> str:
+def _describe_objects(labels: np.ndarray, task: str = "cells") -> str:
+    if task != "cells":
+        values, counts = np.unique(labels, return_counts=True)
+        return "class area " + ", ".join(f"{v}: {100 * c / labels.size:.1f} %" for v, c in zip(values, counts))
     if labels.ndim == 2:
         return f"{int(labels.max())} objects"
     per_plane = labels.reshape((-1,) + labels.shape[-2:]).max(axis=(1, 2))
@@ -123,7 +135,7 @@ def _describe_objects(labels: np.ndarray) -> str:
 
 def _segment(args: argparse.Namespace) -> int:
     from .inference.predict import segment_image
-    from .pretrained import load_model
+    from .pretrained import TASK_CHECKPOINT, TASK_MODELS, load_model
 
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is an existing file; give a folder for the label images")
@@ -134,7 +146,12 @@ def _segment(args: argparse.Namespace) -> int:
     if not files:
         print("no image files found in the inputs", file=sys.stderr)
         return 1
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model or TASK_MODELS[args.task], device=args.device)
+    if loaded.task != TASK_CHECKPOINT[args.task]:
+        raise ValueError(
+            f"model {loaded.source} is a {loaded.task!r} model, which does not fit --task {args.task}; "
+            f"choose a {TASK_CHECKPOINT[args.task]!r} model or the matching --task"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
 
     used_paths: set[Path] = set()
@@ -164,7 +181,7 @@ def _segment(args: argparse.Namespace) -> int:
             print(f"failed {path}: {error}", file=sys.stderr)
             failed += 1
             continue
-        print(f"{path} -> {out_path}: {_describe_objects(result.labels)}, {result.seconds:.2f} s")
+        print(f"{path} -> {out_path}: {_describe_objects(result.labels, args.task)}, {result.seconds:.2f} s")
 
     done = len(files) + len(missing) - failed - skipped
     print(f"done: {done} segmented, {skipped} skipped, {failed} failed")
@@ -203,6 +220,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"no matching names between {args.pred_dir} and {args.gt_dir}", file=sys.stderr)
         return 1
 
+    if args.task == "endoscopy":
+        return _evaluate_classes(args, names, predictions, truths)
     if args.border_width:
         print(f"objects touching a {args.border_width}-pixel band along the image edge are "
               "excluded (--border-width 0 keeps them)")
@@ -222,13 +241,52 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"{'mean':40s} {'':6s} {'':6s} {'':5s} {means['precision']:9.4f} "
           f"{means['recall']:7.4f} {means['f1']:7.4f}  ({len(results)} images, IoU {args.iou})")
 
-    if args.csv is not None:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {args.csv}")
+    _write_csv(args.csv, rows)
+    return 0
+
+
+def _write_csv(path: Path | None, rows: list[dict]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
+def _evaluate_classes(args: argparse.Namespace, names: list[str], predictions: dict, truths: dict) -> int:
+    from .masks import IGNORE_INDEX, semantic_classes
+    from .metrics import mean_semantic_scores, semantic_scores
+
+    print(f"Dice and NSD (tolerance {args.tolerance:g} px) per image over the classes present in "
+          "the ground truth or the prediction; an image empty in both scores 1.0")
+    print(f"{'name':40s} {'classes':>7s} {'dice':>7s} {'nsd':>7s}")
+    rows, results = [], []
+    for name in names:
+        pred = _read_labels(predictions[name])
+        raw = _read_labels(truths[name])
+        if raw.shape != pred.shape:
+            raise ValueError(f"{predictions[name]} has shape {pred.shape} but its ground truth "
+                             f"{truths[name]} has {raw.shape}")
+        # Ground truth follows the training rules, so a {0, 255} mask is binary.
+        # 255 does not count as a class here, and the ignore value never does.
+        classes_seen = raw[(raw != 255) & (raw != (args.ignore_value if args.ignore_value is not None else -1))]
+        n_classes = max(2, int(pred.max(initial=0)) + 1, int(classes_seen.max(initial=0)) + 1)
+        true = semantic_classes(raw, truths[name], n_classes, args.ignore_value)
+        result = semantic_scores(true, pred, tolerance=args.tolerance, ignore=true == IGNORE_INDEX)
+        results.append(result)
+        row = {"name": name, "dice": result.dice, "nsd": result.nsd, "n_classes": result.n_classes}
+        for class_id, scores in sorted(result.per_class.items()):
+            row[f"dice_{class_id}"] = scores["dice"]
+            row[f"nsd_{class_id}"] = scores["nsd"]
+        rows.append(row)
+        print(f"{name:40s} {result.n_classes:7d} {result.dice:7.4f} {result.nsd:7.4f}")
+    means = mean_semantic_scores(results)
+    print(f"{'mean':40s} {'':7s} {means['dice']:7.4f} {means['nsd']:7.4f}  ({len(results)} images)")
+    _write_csv(args.csv, rows)
     return 0
 
 

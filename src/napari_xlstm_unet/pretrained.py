@@ -8,17 +8,31 @@ import threading
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["DEFAULT_MODEL", "SHIPPED_MODELS", "load_model", "resolve_model_path"]
+__all__ = ["DEFAULT_MODEL", "SHIPPED_MODELS", "TASK_MODELS", "available_models", "load_model", "resolve_model_path"]
 
 logger = logging.getLogger(__name__)
 
 # Name -> file in napari_xlstm_unet/weights/. Weights ship with the package,
 # so nothing is downloaded at run time.
-SHIPPED_MODELS = {"cells": "cells_small.pt"}
+SHIPPED_MODELS = {
+    "cells": "cells_small.pt",
+    "polyps": "polyps_small.pt",
+    "instruments": "instruments_small.pt",
+}
 DEFAULT_MODEL = "cells"
+# The default model of each task the command line and the widget offer, and
+# the checkpoint task ("cells" or "semantic") its models must have.
+TASK_MODELS = {"cells": "cells", "endoscopy": "polyps"}
+TASK_CHECKPOINT = {"cells": "cells", "endoscopy": "semantic"}
 
 _cache: dict[tuple[str, float, str], object] = {}
 _cache_lock = threading.Lock()
+
+
+def available_models() -> list[str]:
+    """Return the names of the shipped models present in this installation."""
+    folder = resources.files("napari_xlstm_unet") / "weights"
+    return [name for name, file in SHIPPED_MODELS.items() if (folder / file).is_file()]
 
 
 def resolve_model_path(model: str | os.PathLike | None = None) -> Path:
@@ -34,11 +48,17 @@ def resolve_model_path(model: str | os.PathLike | None = None) -> Path:
     if model is None:
         model = DEFAULT_MODEL
     if isinstance(model, str) and model in SHIPPED_MODELS:
-        return Path(str(resources.files("napari_xlstm_unet") / "weights" / SHIPPED_MODELS[model]))
+        path = Path(str(resources.files("napari_xlstm_unet") / "weights" / SHIPPED_MODELS[model]))
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"shipped model {model!r} is missing from this installation ({path}); "
+                f"available: {', '.join(available_models()) or 'none'}. Reinstall the package"
+            )
+        return path
     path = Path(model)
     if not path.is_file():
         raise FileNotFoundError(
-            f"model {str(model)!r} is neither a shipped model ({', '.join(SHIPPED_MODELS)}) "
+            f"model {str(model)!r} is neither a shipped model ({', '.join(available_models())}) "
             "nor an existing checkpoint file"
         )
     return path
@@ -50,8 +70,8 @@ def load_model(model: str | os.PathLike | None = None, device: str | None = None
     Parameters
     ----------
     model : str or path-like, optional
-        A shipped model name (``"cells"``) or a checkpoint path; the default
-        cell model when omitted.
+        A shipped model name (``"cells"``, ``"polyps"``, ``"instruments"``) or
+        a checkpoint path; the default cell model when omitted.
     device : str, optional
         ``"cpu"``, ``"cuda"``; CUDA when available by default.
 

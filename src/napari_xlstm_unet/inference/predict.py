@@ -1,4 +1,9 @@
-"""Image in, instance labels out: normalisation, tiled network, post-processing."""
+"""Image in, labels out: normalisation, tiled network, post-processing.
+
+A ``cells`` model gives instance labels (interior seeds grown by watershed);
+a ``semantic`` model, such as the endoscopy models, gives class indices
+(the most probable class of each pixel).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from .tiling import ProgressCallback, count_windows, drive, iter_predict_tiled
 
 __all__ = [
     "Segmentation",
+    "class_map",
     "default_device",
     "iter_segment_image",
     "predict_probabilities",
@@ -42,8 +48,8 @@ class Segmentation:
     Attributes
     ----------
     labels : numpy.ndarray, shape (H, W) or (*planes, H, W)
-        Instance labels, 0 for background. Each plane of a stack is numbered
-        on its own, from 1.
+        Instance labels for a cell model, 0 for background, each plane of a
+        stack numbered on its own from 1. Class indices for a semantic model.
     probabilities : numpy.ndarray, shape (K, H, W) or (*planes, K, H, W)
         Class probabilities, kept so thresholds can change without rerunning the network.
     seconds : float
@@ -111,16 +117,24 @@ def _iter_segment_plane(
         yield windows, windows
         probabilities = np.zeros((loaded.config.num_classes,) + prepared.shape[1:], np.float32)
         probabilities[0] = 1.0
-        return np.zeros(prepared.shape[1:], np.uint16), probabilities
+        return np.zeros(prepared.shape[1:], np.uint16 if loaded.task == "cells" else np.uint8), probabilities
 
     device = next(loaded.model.parameters()).device
     probabilities = yield from iter_predict_tiled(
         loaded.model, prepared, loaded.config.num_classes, tile_size, overlap, device, precision
     )
+    if loaded.task == "semantic":
+        return class_map(probabilities), probabilities
     labels = probabilities_to_labels(
         probabilities, prob_threshold=params["prob_threshold"], min_size=params["min_size"]
     )
     return labels, probabilities
+
+
+def class_map(probabilities: np.ndarray) -> np.ndarray:
+    """Return the most probable class per pixel of (K, H, W) probabilities, as uint8 (uint16 past 255 classes)."""
+    dtype = np.uint8 if probabilities.shape[0] <= 256 else np.uint16
+    return probabilities.argmax(axis=0).astype(dtype)
 
 
 def iter_segment_image(
@@ -142,10 +156,10 @@ def iter_segment_image(
     runs it directly, which gives progress and cancel between windows. For a
     stack, ``done`` and ``total`` count the windows of all planes.
     """
-    if loaded.task != "cells":
+    if loaded.task not in ("cells", "semantic"):
         raise ValueError(
-            f"model {loaded.source or '(in memory)'} is a {loaded.task!r} model; "
-            "segment_image needs a 'cells' model with interior and boundary classes"
+            f"model {loaded.source or '(in memory)'} has the unknown task {loaded.task!r}; "
+            "expected 'cells' or 'semantic'. Retrain it with training/train.py"
         )
     start = time.perf_counter()
     name = name or f"of shape {np.shape(image)}"
@@ -182,7 +196,10 @@ def iter_segment_image(
             plane_shape + all_probabilities[0].shape
         )
     seconds = time.perf_counter() - start
-    if n_planes == 1:
+    if loaded.task == "semantic":
+        logger.info("segmented image %s: %.1f %% of pixels in foreground classes, %.2f s",
+                    name, 100 * np.count_nonzero(labels) / max(labels.size, 1), seconds)
+    elif n_planes == 1:
         logger.info("segmented image %s: %d objects in %.2f s", name, labels.max(), seconds)
     else:
         logger.info("segmented image %s: %d planes, up to %d objects per plane in %.2f s",
@@ -206,7 +223,7 @@ def segment_image(
     axes: str | None = None,
     name: str | None = None,
 ) -> Segmentation:
-    """Segment cells or nuclei in one 2D image, or in each plane of a stack.
+    """Segment one 2D image, or each plane of a stack: cells into instances, other tasks into classes.
 
     Parameters
     ----------
@@ -216,10 +233,11 @@ def segment_image(
         comes from ``axes``, else from the shape; see
         :func:`~napari_xlstm_unet.io.standardize_axes`.
     loaded : LoadedModel
-        A cell model from :func:`~napari_xlstm_unet.pretrained.load_model`
-        or :func:`~napari_xlstm_unet.model.checkpoint.load_checkpoint`.
+        A model from :func:`~napari_xlstm_unet.pretrained.load_model` or
+        :func:`~napari_xlstm_unet.model.checkpoint.load_checkpoint`.
     prob_threshold, min_size : optional
-        Post-processing parameters; the checkpoint's tuned values by default.
+        Cell post-processing parameters; the checkpoint's tuned values by
+        default. Semantic models ignore them.
     tile_size, overlap : optional
         Sliding-window settings; see :func:`~napari_xlstm_unet.inference.tiling.predict_tiled`.
     has_alpha : bool
@@ -244,7 +262,7 @@ def segment_image(
     Returns
     -------
     Segmentation
-        Labels (H, W), probabilities (3, H, W) and timing; a stack gives
+        Labels (H, W), probabilities (K, H, W) and timing; a stack gives
         labels (*planes, H, W), each plane normalised and segmented exactly
         as it would be alone.
     """

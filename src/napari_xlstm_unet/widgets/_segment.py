@@ -20,8 +20,25 @@ __all__ = ["SegmentWidget", "labels_layer_kwargs", "layer_image_data"]
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_CHOICE = "cells (shipped default)"
 FILE_CHOICE = "checkpoint file…"
+# Shipped models by combo-box text, and whether they need an RGB layer.
+SHIPPED_CHOICES = {
+    "cells: nuclei and cells (shipped)": ("cells", False),
+    "polyps: endoscopy frames (shipped)": ("polyps", True),
+    "instruments: surgical frames (shipped)": ("instruments", True),
+}
+SHIPPED_CHOICE = next(iter(SHIPPED_CHOICES))
+
+
+def model_choices(layer) -> list[str]:
+    """Return the model choices for ``layer``: endoscopy models only for RGB layers."""
+    from ..pretrained import available_models
+
+    present = set(available_models())
+    rgb = bool(layer is not None and getattr(layer, "rgb", False))
+    shipped = [text for text, (name, needs_rgb) in SHIPPED_CHOICES.items()
+               if name in present and (rgb or not needs_rgb)]
+    return shipped + [FILE_CHOICE]
 
 
 def layer_image_data(layer: napari.layers.Image) -> tuple[object, bool, str]:
@@ -60,7 +77,11 @@ def labels_layer_kwargs(image_layer: napari.layers.Image) -> dict:
 
 
 class SegmentWidget(Container):
-    """Dock widget: pick an Image layer and a model, press Run, get a Labels layer."""
+    """Dock widget: pick an Image layer and a model, press Run, get a Labels layer.
+
+    Cell models give instance labels, endoscopy models a class map. The
+    endoscopy models are offered for RGB layers only.
+    """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
@@ -69,7 +90,8 @@ class SegmentWidget(Container):
         self._viewer = viewer
         self._worker = None
         self._image = create_widget(annotation=napari.layers.Image, label="Image")
-        self._model = ComboBox(label="Model", choices=[SHIPPED_CHOICE, FILE_CHOICE], value=SHIPPED_CHOICE)
+        self._model = ComboBox(label="Model", choices=lambda _widget: model_choices(self._image.value),
+                               value=SHIPPED_CHOICE)
         self._checkpoint = FileEdit(label="Checkpoint", mode="r", filter="*.pt", visible=False)
         self._run = PushButton(text="Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
@@ -81,6 +103,7 @@ class SegmentWidget(Container):
         self._model.changed.connect(self._on_model_changed)
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
+        self._image.changed.connect(lambda _layer: self._model.reset_choices())
         viewer.layers.events.inserted.connect(self._image.reset_choices)
         viewer.layers.events.removed.connect(self._image.reset_choices)
 
@@ -88,8 +111,8 @@ class SegmentWidget(Container):
         self._checkpoint.visible = value == FILE_CHOICE
 
     def _model_spec(self) -> str:
-        if self._model.value == SHIPPED_CHOICE:
-            return "cells"
+        if self._model.value in SHIPPED_CHOICES:
+            return SHIPPED_CHOICES[self._model.value][0]
         path = self._checkpoint.value
         if path is None or not str(path) or str(path) == ".":
             raise ValueError("no checkpoint file chosen; pick a .pt file or the shipped model")
@@ -114,7 +137,7 @@ class SegmentWidget(Container):
 
         worker = thread_worker(_segment_steps)(image, model_spec, has_alpha, axes, layer.name)
         worker.yielded.connect(self._on_progress)
-        worker.returned.connect(lambda labels: self._add_labels(labels, layer_kwargs))
+        worker.returned.connect(lambda result: self._add_labels(result, layer_kwargs))
         worker.errored.connect(self._on_error)
         worker.aborted.connect(lambda: self._set_status("cancelled; no layer added"))
         worker.finished.connect(self._on_finished)
@@ -142,12 +165,16 @@ class SegmentWidget(Container):
         self._set_status("failed; see the notification")
         show_error(f"Segmentation failed: {error}")
 
-    def _add_labels(self, labels: np.ndarray, layer_kwargs: dict) -> None:
+    def _add_labels(self, result: tuple[np.ndarray, str], layer_kwargs: dict) -> None:
+        labels, task = result
         # NOTE: napari builds the layer on the GUI thread. For 4096 x 4096
         # labels that blocked the event loop for about 0.8 s on a shared 2-core
         # CPU, most of it importing pandas for the session's first Labels layer.
         self._viewer.add_labels(labels, **layer_kwargs)
-        if labels.ndim == 2:
+        if task == "semantic":
+            share = 100 * np.count_nonzero(labels) / max(labels.size, 1)
+            self._set_status(f"classes: {share:.1f} % of pixels in foreground classes")
+        elif labels.ndim == 2:
             self._set_status(f"{int(labels.max())} objects")
         else:
             self._set_status(f"{labels.shape[0]} planes, up to {int(labels.max())} objects per plane")
@@ -161,7 +188,7 @@ class SegmentWidget(Container):
 
 
 def _segment_steps(data, model_spec: str, has_alpha: bool, axes: str, name: str):
-    """Worker body: read the pixels, load the model (cached), yield (done, total), return labels."""
+    """Worker body: read the pixels, load the model (cached), yield (done, total), return (labels, task)."""
     from ..inference.predict import iter_segment_image
     from ..pretrained import load_model
 
@@ -169,4 +196,4 @@ def _segment_steps(data, model_spec: str, has_alpha: bool, axes: str, name: str)
     loaded = load_model(model_spec)
     result = yield from iter_segment_image(image, loaded, has_alpha=has_alpha, axes=axes,
                                            name=f"layer {name!r}")
-    return result.labels
+    return result.labels, loaded.task
