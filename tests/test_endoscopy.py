@@ -141,3 +141,20 @@ def test_widget_offers_endoscopy_models_for_rgb_layers_only(monkeypatch):
     rgb = _segment.model_choices(SimpleNamespace(rgb=True))
     assert [c.split(":")[0] for c in grey] == ["cells", _segment.FILE_CHOICE]
     assert [c.split(":")[0] for c in rgb] == ["cells", "polyps", _segment.FILE_CHOICE]
+
+
+def test_input_scale_zooms_in_and_resizes_back():
+    loaded = semantic_stub()
+    loaded.input_scale = 0.5
+    frame = np.zeros((40, 60, 3), np.uint8)
+    frame[..., 1] = 100
+    frame[10:30, 20:40, 0] = 250
+    result = segment_image(frame, loaded, tile_size=32)
+    assert result.labels.shape == (40, 60)
+    assert result.probabilities.shape == (2, 40, 60)
+    expected = np.zeros((40, 60), bool)
+    expected[10:30, 20:40] = True
+    # Half resolution blurs the square's edge by about one pixel.
+    assert np.count_nonzero((result.labels == 1) != expected) <= 2 * (20 + 20)
+    assert result.labels[20, 30] == 1
+    assert result.labels[2, 2] == 0

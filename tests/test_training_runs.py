@@ -226,3 +226,11 @@ def test_split_csv_run_leaves_out_non_finite_pair(tmp_path, caplog):
     assert "nan.tif contains 1026 non-finite pixels" in caplog.text
     assert "2 training, 1 validation, 0 test images" in caplog.text
     assert (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_data_scale_is_stored_in_the_checkpoint(tmp_path):
+    assert train.main(["--out", str(tmp_path / "run"), "--set", f"data.train_dir={BR18}", "--epochs", "1",
+                       "--set", "data.scale=0.5", *QUICK]) == 0
+    loaded = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert loaded.input_scale == 0.5
+    assert load_checkpoint(tmp_path / "run" / "last.pt").input_scale == 0.5

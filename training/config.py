@@ -50,6 +50,9 @@ class DataConfig:
     ignore_value: int | None = None
     # Draw images with probability ~ 1 / sqrt(size of their modality group).
     group_sampling: str = "sqrt"
+    # Zoom images (bilinear) and masks (nearest) by this factor before training;
+    # stored in the checkpoint, so inference zooms alike and resizes the output back.
+    scale: float = 1.0
 
 
 @dataclass
@@ -134,6 +137,8 @@ class TrainConfig:
         for name in ("epochs", "iters_per_epoch", "batch_size"):
             if getattr(self.train, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self.train, name)}")
+        if not 0.05 <= self.data.scale <= 4.0:
+            raise ValueError(f"data.scale must lie in [0.05, 4], got {self.data.scale}")
         if self.train.patch_size < 16:
             raise ValueError(f"train.patch_size must be at least 16 pixels, got {self.train.patch_size}")
 

@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_xlstm_unet.inference.normalize import prepare_image
+from napari_xlstm_unet.inference.predict import zoom_channels
 from napari_xlstm_unet.io import IMAGE_SUFFIXES, read_image
 from napari_xlstm_unet.masks import IGNORE_INDEX, semantic_classes  # noqa: F401 (re-exported)
 from targets import check_instance_mask, instances_to_classes
@@ -180,8 +181,12 @@ def _read_mask(path: Path) -> np.ndarray:
 
 
 def load_sample(pair: Pair, task: str, in_channels: int, normalization: dict,
-                n_classes: int = 3, ignore_value: int | None = None) -> Sample:
-    """Read one pair, check its mask and build the training target."""
+                n_classes: int = 3, ignore_value: int | None = None, scale: float = 1.0) -> Sample:
+    """Read one pair, check its mask and build the training target.
+
+    With ``scale`` != 1 the image is zoomed bilinearly and the mask by
+    nearest neighbour, so that mask values stay labels.
+    """
     image_file = read_image(pair.image)
     if np.issubdtype(image_file.data.dtype, np.floating):
         n_bad = int(image_file.data.size - np.isfinite(image_file.data).sum())
@@ -204,6 +209,11 @@ def load_sample(pair: Pair, task: str, in_channels: int, normalization: dict,
             f"mask {pair.mask} is {mask.shape[0]} x {mask.shape[1]} pixels but image {pair.image} is "
             f"{image.shape[1]} x {image.shape[2]}; a mask must match its image's height and width"
         )
+    if scale != 1.0:
+        image = zoom_channels(image, scale)
+        rows = np.minimum((np.arange(image.shape[1]) + 0.5) / scale, mask.shape[0] - 1).astype(int)
+        cols = np.minimum((np.arange(image.shape[2]) + 0.5) / scale, mask.shape[1] - 1).astype(int)
+        mask = mask[rows][:, cols]
     if task == "cells":
         check_instance_mask(mask, pair.mask)
         values = np.unique(mask)

@@ -209,7 +209,7 @@ def run(config: TrainConfig, out: Path, resume: bool = False, command: str = "")
 
     splits = resolve_splits(config.data)
     load = lambda pair: load_sample(pair, task, model_config.in_channels, normalization,  # noqa: E731
-                                    len(class_names), config.data.ignore_value)
+                                    len(class_names), config.data.ignore_value, config.data.scale)
     train_samples, val_samples = _load_all(load, splits["train"]), _load_all(load, splits.get("val", []))
     if not train_samples:
         raise TrainingError("every training pair was left out; see the warnings above")
@@ -316,7 +316,8 @@ def run(config: TrainConfig, out: Path, resume: bool = False, command: str = "")
                                          config.val.nsd_tolerance, class_names)
             if val_score > state["best_score"]:
                 state["best_score"] = val_score
-                _save(out / "best.pt", model, model_config, task, class_names, normalization, postprocess, {})
+                _save(out / "best.pt", model, model_config, task, class_names, normalization, postprocess, {},
+                      input_scale=config.data.scale)
         state["epoch"] = epoch + 1
         state["seconds"] = time.time() - start
         row = {"epoch": epoch + 1, "step": state["step"], "loss": float(np.mean(losses)) if losses else float("nan"),
@@ -332,7 +333,7 @@ def run(config: TrainConfig, out: Path, resume: bool = False, command: str = "")
                 "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), **state,
             }
             _save(last_path, model, model_config, task, class_names, normalization, postprocess, {},
-                  extra={"training_state": training_state})
+                  extra={"training_state": training_state}, input_scale=config.data.scale)
         if world > 1:
             dist.barrier()
         if config.train.stop_after_epoch and epoch + 1 >= config.train.stop_after_epoch and not last_epoch:
@@ -376,11 +377,13 @@ def _check_ranks_agree(model: torch.nn.Module, out: Path, world: int, is_main: b
             logger.error("processes ended with different weights: %s", digests)
 
 
-def _save(path, model, model_config, task, class_names, normalization, postprocess, card, extra=None) -> None:
+def _save(path, model, model_config, task, class_names, normalization, postprocess, card, extra=None,
+          input_scale: float = 1.0) -> None:
     if not _all_finite(model):
         raise TrainingError(f"refusing to write {path}: the weights are not finite")
     loaded = LoadedModel(model=model, config=model_config, task=task, class_names=class_names,
-                         normalization=normalization, postprocess=postprocess, model_card=card)
+                         normalization=normalization, postprocess=postprocess, model_card=card,
+                         input_scale=input_scale)
     save_checkpoint(path, loaded, extra=extra)
 
 
@@ -395,7 +398,7 @@ def _finish(config, out, model, model_config, device, task, class_names, normali
             if not test_pairs:
                 continue
             samples = [load_sample(p, task, model_config.in_channels, normalization, len(class_names),
-                                   config.data.ignore_value) for p in test_pairs]
+                                   config.data.ignore_value, config.data.scale) for p in test_pairs]
         probabilities = predict_all(model, samples, model_config.num_classes, device, config.val.tile_size)
         if task == "cells":
             if name == "val" and config.val.tune_postprocess:
@@ -426,6 +429,7 @@ def _finish(config, out, model, model_config, device, task, class_names, normali
         **card_scores,
     }
     final = out / "model.pt"
-    _save(final, model.cpu().eval(), model_config, task, class_names, normalization, postprocess, card)
+    _save(final, model.cpu().eval(), model_config, task, class_names, normalization, postprocess, card,
+          input_scale=config.data.scale)
     logger.info("wrote %s", final)
     return final

@@ -120,15 +120,36 @@ def _iter_segment_plane(
         return np.zeros(prepared.shape[1:], np.uint16 if loaded.task == "cells" else np.uint8), probabilities
 
     device = next(loaded.model.parameters()).device
+    full_size = prepared.shape[1:]
+    if loaded.input_scale != 1.0:
+        prepared = zoom_channels(prepared, loaded.input_scale)
     probabilities = yield from iter_predict_tiled(
         loaded.model, prepared, loaded.config.num_classes, tile_size, overlap, device, precision
     )
+    if probabilities.shape[1:] != full_size:
+        probabilities = resize_channels(probabilities, full_size)
     if loaded.task == "semantic":
         return class_map(probabilities), probabilities
     labels = probabilities_to_labels(
         probabilities, prob_threshold=params["prob_threshold"], min_size=params["min_size"]
     )
     return labels, probabilities
+
+
+def zoom_channels(image: np.ndarray, scale: float) -> np.ndarray:
+    """Return a (C, H, W) float32 image zoomed by ``scale`` (bilinear, antialiased when shrinking)."""
+    height, width = image.shape[1:]
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return resize_channels(image, size)
+
+
+def resize_channels(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Return a (C, H, W) float32 image resized to ``size`` (bilinear, antialiased when shrinking)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    shrink = size[0] < image.shape[1] or size[1] < image.shape[2]
+    resized = torch.nn.functional.interpolate(tensor, size=size, mode="bilinear", align_corners=False,
+                                              antialias=shrink)
+    return resized[0].numpy()
 
 
 def class_map(probabilities: np.ndarray) -> np.ndarray:

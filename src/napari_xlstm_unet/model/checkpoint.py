@@ -49,6 +49,10 @@ class LoadedModel:
         Post-processing parameters, for cells ``prob_threshold`` and ``min_size``.
     model_card : dict
         Free-form description: data, command, date, metrics.
+    input_scale : float
+        Zoom applied to images before the network (0.5 halves height and
+        width); the outputs are resized back. 1.0 for models trained at the
+        images' own resolution.
     source : str
         Path the checkpoint was read from.
     """
@@ -61,6 +65,7 @@ class LoadedModel:
     postprocess: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_POSTPROCESS))
     model_card: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    input_scale: float = 1.0
 
 
 def save_checkpoint(path: str | os.PathLike, loaded: LoadedModel, extra: dict[str, Any] | None = None) -> Path:
@@ -91,6 +96,7 @@ def save_checkpoint(path: str | os.PathLike, loaded: LoadedModel, extra: dict[st
         "normalization": dict(loaded.normalization),
         "postprocess": dict(loaded.postprocess),
         "model_card": dict(loaded.model_card),
+        "input_scale": float(loaded.input_scale),
     }
     if extra:
         payload.update(extra)
@@ -159,6 +165,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         postprocess=dict(payload.get("postprocess", DEFAULT_POSTPROCESS)),
         model_card=dict(payload.get("model_card", {})),
         source=str(path),
+        input_scale=float(payload.get("input_scale", 1.0)),
     )
 
 
