@@ -158,3 +158,13 @@ def test_input_scale_zooms_in_and_resizes_back():
     assert np.count_nonzero((result.labels == 1) != expected) <= 2 * (20 + 20)
     assert result.labels[20, 30] == 1
     assert result.labels[2, 2] == 0
+
+
+def test_polyp_sample_is_an_rgb_frame():
+    from napari_xlstm_unet._sample_data import polyp_sample
+
+    [(data, meta, kind)] = polyp_sample()
+    assert data.shape == (384, 512, 3)
+    assert data.dtype == np.uint8
+    assert meta["rgb"] is True
+    assert kind == "image"
