@@ -5,10 +5,11 @@
 Sections, all measured in one run so that ratios compare like with like:
 
 1. Seconds per megapixel of the tiled predictor (512 x 512 windows, random
-   weights) for each preset and xLSTM placement, the overhead of each
-   placement as a ratio to ``none`` of the same preset, and the share of this
-   machine's float32 matrix-multiply rate that the network reaches (network
-   FLOPs from ``torch.utils.flop_counter`` / time / measured GEMM FLOP/s).
+   weights) for each preset and xLSTM placement. Each row also gives the
+   overhead of the placement as a ratio to ``none`` of the same preset, and
+   the share of this machine's float32 matrix-multiply rate that the network
+   reaches: network FLOPs (``torch.utils.flop_counter``) / time / measured
+   GEMM FLOP/s.
 2. Peak resident memory and time of the shipped cell model through the tiled
    predictor on 512, 2048 and 4096 pixel square images, each in a fresh
    process so that the peaks do not mix.

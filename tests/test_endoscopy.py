@@ -24,7 +24,7 @@ class RednessModel(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(()))  # tells the predictor its device
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # the predictor reads the device from a parameter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         score = (x[:, 0:1] - x[:, 1:2] - 0.2) * 50

@@ -209,7 +209,8 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {override!r}: {part} is not a section")
-    # YAML parsing turns "3e-3" into a float, "null" into None, "[a, b]" into a list.
+    # YAML parsing turns "0.003" into a float, "null" into None and "[a, b]" into a
+    # list. _coerce converts the numbers YAML leaves as text, such as "3e-3".
     node[parts[-1]] = yaml.safe_load(raw)
 
 
