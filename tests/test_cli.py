@@ -24,7 +24,7 @@ def test_segment_writes_labels_per_input(tmp_path):
     out = tmp_path / "out"
 
     assert main(["segment", str(inputs), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a_labels.tif", "b_labels.tif"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.tif", "b_labels.tif", "results.csv", "run.json"]
     labels = read_image(out / "a_labels.tif")
     assert labels.data.shape == tifffile.imread(SAMPLE).shape
     assert labels.data.dtype == np.uint16

@@ -113,7 +113,7 @@ def test_segment_rejects_a_model_of_the_other_task(tmp_path, capsys):
                  "--out", str(tmp_path / "out")]) == 2
     message = capsys.readouterr().err
     assert "'cells' model" in message
-    assert "--task endoscopy" in message
+    assert "task 'endoscopy'" in message
 
 
 def test_segment_endoscopy_with_a_checkpoint(tmp_path, capsys):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .io import labels_output_path, list_images, read_image, strip_labels_suffix, write_labels
+from .io import read_image, strip_labels_suffix
 
 __all__ = ["main"]
 
@@ -75,6 +75,10 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="arithmetic of the convolutions; bfloat16 is faster on CPUs with "
                               "native bfloat16 (AVX512-BF16, AMX) and on recent GPUs")
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    segment.add_argument("--recursive", action="store_true", help="also segment images in subfolders")
+    segment.add_argument("--pattern", default="*", help="only files whose name matches, for example '*.tif'")
+    segment.add_argument("--gt-dir", type=Path, default=None,
+                         help="ground-truth folder matched by stem: adds F1 (cells) or Dice and NSD to results.csv")
 
     evaluate = commands.add_parser(
         "evaluate", parents=[common], formatter_class=formatter,
@@ -113,78 +117,38 @@ def _check_device(device: str | None) -> None:
         )
 
 
-def _collect_inputs(inputs: list[Path]) -> tuple[list[Path], list[Path]]:
-    files, missing = [], []
-    for item in inputs:
-        if item.exists():
-            files += list_images([item])
-        else:
-            missing.append(item)
-    return files, missing
-
-
-def _describe_objects(labels: np.ndarray, task: str = "cells") -> str:
-    if task != "cells":
-        values, counts = np.unique(labels, return_counts=True)
-        return "class area " + ", ".join(f"{v}: {100 * c / labels.size:.1f} %" for v, c in zip(values, counts))
-    if labels.ndim == 2:
-        return f"{int(labels.max())} objects"
-    per_plane = labels.reshape((-1,) + labels.shape[-2:]).max(axis=(1, 2))
-    return f"{len(per_plane)} planes, {int(per_plane.min())} to {int(per_plane.max())} objects per plane"
-
-
 def _segment(args: argparse.Namespace) -> int:
-    from .inference.predict import segment_image
-    from .pretrained import TASK_CHECKPOINT, TASK_MODELS, load_model
+    from .batch import BatchOptions, run_batch
 
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is an existing file; give a folder for the label images")
     _check_device(args.device)
-    files, missing = _collect_inputs(args.inputs)
+    existing = [item for item in args.inputs if item.exists()]
+    missing = [item for item in args.inputs if not item.exists()]
     for path in missing:
         print(f"failed {path}: file or folder not found", file=sys.stderr)
-    if not files:
+    if not existing:
         print("no image files found in the inputs", file=sys.stderr)
         return 1
-    loaded = load_model(args.model or TASK_MODELS[args.task], device=args.device)
-    if loaded.task != TASK_CHECKPOINT[args.task]:
-        raise ValueError(
-            f"model {loaded.source} is a {loaded.task!r} model, which does not fit --task {args.task}; "
-            f"choose a {TASK_CHECKPOINT[args.task]!r} model or the matching --task"
-        )
-    args.out.mkdir(parents=True, exist_ok=True)
+    options = BatchOptions(
+        out_dir=args.out, task=args.task, model=args.model, recursive=args.recursive, pattern=args.pattern,
+        gt_dir=args.gt_dir, overwrite=args.overwrite, prob_threshold=args.prob_threshold,
+        min_size=args.min_size, tile_size=args.tile_size, overlap=args.overlap, precision=args.precision,
+        device=args.device,
+    )
 
-    used_paths: set[Path] = set()
-    failed, skipped = len(missing), 0
-    for path in files:
-        out_path = labels_output_path(path, args.out, used_paths)
-        if out_path.exists() and not args.overwrite:
-            print(f"skipped {path}: {out_path} exists (use --overwrite to replace it)")
-            skipped += 1
-            continue
-        try:
-            image = read_image(path)
-            result = segment_image(
-                image.data, loaded, args.prob_threshold, args.min_size,
-                args.tile_size, args.overlap, image.has_alpha, precision=args.precision,
-                axes=image.axes, name=str(path),
-            )
-            write_labels(out_path, result.labels, image.resolution, image.resolution_unit,
-                         overwrite=args.overwrite, axes=result.axes)
-        except MemoryError as error:
-            print(f"failed {path}: out of memory ({error or 'no detail'}); retry with a smaller "
-                  "--tile-size, for example 256, or on a machine with more memory", file=sys.stderr)
-            failed += 1
-            continue
-        except (ValueError, OSError, TypeError, RuntimeError) as error:
-            # RuntimeError covers torch failures, torch.OutOfMemoryError among them.
-            print(f"failed {path}: {error}", file=sys.stderr)
-            failed += 1
-            continue
-        print(f"{path} -> {out_path}: {_describe_objects(result.labels, args.task)}, {result.seconds:.2f} s")
+    def report(result, done: int, total: int) -> None:
+        if result.status == "ok":
+            found = (f"{result.objects} objects" if args.task == "cells" else f"class areas {result.class_areas}")
+            scores = "".join(f", {k} {v:.3f}" for k, v in result.metrics.items())
+            print(f"[{done}/{total}] {result.input} -> {result.output}: {found}{scores}, {result.seconds:.2f} s")
+        elif result.status == "skipped":
+            print(f"[{done}/{total}] skipped {result.input}: {result.output} exists (use --overwrite to replace it)")
+        else:
+            print(f"[{done}/{total}] failed {result.input}: {result.reason}", file=sys.stderr)
 
-    done = len(files) + len(missing) - failed - skipped
-    print(f"done: {done} segmented, {skipped} skipped, {failed} failed")
+    summary = run_batch(existing, options, on_result=report)
+    failed = summary["failed"] + len(missing)
+    print(f"done: {summary['ok']} segmented, {summary['skipped']} skipped, {failed} failed; "
+          f"details in {summary['results_csv']}")
     return 1 if failed else 0
 
 
