@@ -38,7 +38,15 @@ import numpy as np
 from . import __version__
 from .io import IMAGE_SUFFIXES, LABELS_SUFFIX, labels_output_path, read_image, strip_labels_suffix, write_labels
 
-__all__ = ["BatchOptions", "FileResult", "find_images", "iter_batch", "plan_outputs", "run_batch"]
+__all__ = [
+    "BatchOptions",
+    "FileResult",
+    "find_images",
+    "iter_batch",
+    "iter_run_batch",
+    "plan_outputs",
+    "run_batch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +307,25 @@ def run_batch(inputs: list[str | os.PathLike], options: BatchOptions,
     dict
         ``{"ok": n, "failed": n, "skipped": n, "total": n, "results_csv": path}``.
     """
+    steps = iter_run_batch(inputs, options, should_stop)
+    while True:
+        try:
+            result, done, total = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if on_result is not None:
+            on_result(result, done, total)
+
+
+def iter_run_batch(inputs: list[str | os.PathLike], options: BatchOptions,
+                   should_stop: Callable[[], bool] | None = None,
+                   ) -> Generator[tuple[FileResult, int, int], None, dict]:
+    """Generator form of :func:`run_batch`: yields ``(result, done, total)`` per file, returns the summary.
+
+    napari's ``thread_worker`` runs it directly; quitting the worker stops
+    the run between files. The results CSV is written when the generator
+    finishes, also after a stop requested through ``should_stop``.
+    """
     from .pretrained import TASK_CHECKPOINT, TASK_MODELS, load_model
 
     rank, world = _distributed_rank()
@@ -336,12 +363,13 @@ def run_batch(inputs: list[str | os.PathLike], options: BatchOptions,
         (out_dir / "run.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
 
     rows = []
-    for done, result in enumerate(iter_batch(mine, loaded, options, should_stop), start=1):
-        rows.append(result.row())
-        if on_result is not None:
-            on_result(result, done, len(mine))
-    csv_path = out_dir / (f"results.rank{rank}.csv" if world > 1 else "results.csv")
-    _write_csv(csv_path, rows)
+    try:
+        for done, result in enumerate(iter_batch(mine, loaded, options, should_stop), start=1):
+            rows.append(result.row())
+            yield result, done, len(mine)
+    finally:
+        # Also when the consumer stops early (a quit worker closes the generator).
+        _write_csv(out_dir / (f"results.rank{rank}.csv" if world > 1 else "results.csv"), rows)
     if world > 1:
         import torch.distributed as dist
 

@@ -1,5 +1,6 @@
-"""napari dock widgets; each is a thin shell over functions in ``inference``."""
+"""napari dock widgets; each is a thin shell over plain functions (``inference``, ``batch``)."""
 
+from ._batch import BatchWidget
 from ._segment import SegmentWidget
 
-__all__ = ["SegmentWidget"]
+__all__ = ["BatchWidget", "SegmentWidget"]
