@@ -119,3 +119,35 @@ def test_singleton_leading_axis_layer_segments(widget_and_viewer, qtbot):
     widget.run()
     qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=60_000)
     assert viewer.layers[-1].data.shape == data.shape[1:]
+
+
+def test_changing_thresholds_relabels_without_the_network(widget_and_viewer, qtbot, monkeypatch):
+    from napari_xlstm_unet.inference.postprocess import probabilities_to_labels
+    from napari_xlstm_unet.pretrained import load_model
+
+    widget, viewer = widget_and_viewer
+    image = tifffile.imread(CASES / "BR-21" / "br21_scaled_imagej.tif")
+    widget._image.value = viewer.add_image(image, name="cells")
+    widget.run()
+    qtbot.waitUntil(lambda: widget._worker is None and len(viewer.layers) == 2, timeout=60_000)
+    labels_layer = viewer.layers[-1]
+    probabilities, _ = widget._last
+    tuned = load_model("cells").postprocess
+    assert widget._threshold.value == tuned["prob_threshold"]
+    assert widget._min_size.value == tuned["min_size"]
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network ran again")
+
+    monkeypatch.setattr(load_model("cells").model, "forward", no_network)
+    monkeypatch.setattr("napari_xlstm_unet.inference.tiling.iter_predict_tiled", no_network)
+    before = labels_layer.data.copy()
+    sizes = np.sort(np.bincount(before.ravel())[1:])
+    min_size = int(sizes[len(sizes) // 2]) + 1  # removes the smaller half of the objects
+    widget._min_size.value = min_size
+    expected = probabilities_to_labels(probabilities, tuned["prob_threshold"], min_size)
+    np.testing.assert_array_equal(labels_layer.data, expected)
+    assert expected.max() < before.max()
+    widget._threshold.value = 0.95
+    np.testing.assert_array_equal(labels_layer.data, probabilities_to_labels(probabilities, 0.95, min_size))
+    assert "threshold 0.95" in widget._status.value

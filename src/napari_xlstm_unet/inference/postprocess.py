@@ -6,7 +6,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential, watershed
 
-__all__ = ["labels_dtype", "probabilities_to_labels"]
+__all__ = ["labels_dtype", "probabilities_to_labels", "relabel_planes"]
 
 
 def labels_dtype(max_label: int) -> np.dtype:
@@ -60,3 +60,17 @@ def probabilities_to_labels(
         labels[too_small[labels]] = 0
     labels, _, _ = relabel_sequential(labels)
     return labels.astype(labels_dtype(int(labels.max())), copy=False)
+
+
+def relabel_planes(probabilities: np.ndarray, prob_threshold: float, min_size: int) -> np.ndarray:
+    """Apply :func:`probabilities_to_labels` to (3, H, W) or to every plane of (*planes, 3, H, W).
+
+    This is all that changes when only the thresholds change: the network's
+    probabilities are reused as they are.
+    """
+    if probabilities.ndim == 3:
+        return probabilities_to_labels(probabilities, prob_threshold, min_size)
+    flat = probabilities.reshape((-1,) + probabilities.shape[-3:])
+    planes = [probabilities_to_labels(plane, prob_threshold, min_size) for plane in flat]
+    dtype = max((plane.dtype for plane in planes), key=lambda d: d.itemsize)
+    return np.stack(planes).astype(dtype, copy=False).reshape(probabilities.shape[:-3] + flat.shape[-2:])

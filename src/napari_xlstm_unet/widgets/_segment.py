@@ -11,7 +11,17 @@ import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, create_widget
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+    create_widget,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -97,8 +107,16 @@ class SegmentWidget(Container):
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
         self._status = Label(label="Status", value="ready")
+        # Cell post-processing: changing either redraws the last labels from
+        # the kept probabilities, without running the network again.
+        self._threshold = FloatSpinBox(label="Seed threshold", min=0.0, max=1.0, step=0.05, value=0.5,
+                                       enabled=False)
+        self._min_size = SpinBox(label="Min size (px)", min=0, max=100_000, value=16, enabled=False)
+        self._last = None  # (probabilities, labels layer) of the last cell run
         self.extend([self._image, self._model, self._checkpoint, self._run, self._cancel,
-                     self._progress, self._status])
+                     self._progress, self._status, self._threshold, self._min_size])
+        self._threshold.changed.connect(self._relabel)
+        self._min_size.changed.connect(self._relabel)
 
         self._model.changed.connect(self._on_model_changed)
         self._run.changed.connect(self.run)
@@ -165,12 +183,18 @@ class SegmentWidget(Container):
         self._set_status("failed; see the notification")
         show_error(f"Segmentation failed: {error}")
 
-    def _add_labels(self, result: tuple[np.ndarray, str], layer_kwargs: dict) -> None:
-        labels, task = result
+    def _add_labels(self, result: tuple, layer_kwargs: dict) -> None:
+        labels, task, probabilities, postprocess = result
         # NOTE: napari builds the layer on the GUI thread. For 4096 x 4096
         # labels that blocked the event loop for about 0.8 s on a shared 2-core
         # CPU, most of it importing pandas for the session's first Labels layer.
-        self._viewer.add_labels(labels, **layer_kwargs)
+        layer = self._viewer.add_labels(labels, **layer_kwargs)
+        self._last = (probabilities, layer) if task == "cells" else None
+        self._threshold.enabled = self._min_size.enabled = task == "cells"
+        if task == "cells":
+            with self._threshold.changed.blocked(), self._min_size.changed.blocked():
+                self._threshold.value = postprocess["prob_threshold"]
+                self._min_size.value = postprocess["min_size"]
         if task == "semantic":
             share = 100 * np.count_nonzero(labels) / max(labels.size, 1)
             self._set_status(f"classes: {share:.1f} % of pixels in foreground classes")
@@ -178,6 +202,20 @@ class SegmentWidget(Container):
             self._set_status(f"{int(labels.max())} objects")
         else:
             self._set_status(f"{labels.shape[0]} planes, up to {int(labels.max())} objects per plane")
+
+    def _relabel(self, _value=None) -> None:
+        """Redraw the last cell labels with the current threshold and minimum size."""
+        from ..inference.postprocess import relabel_planes
+
+        if self._last is None:
+            return
+        probabilities, layer = self._last
+        if layer not in self._viewer.layers:
+            self._last = None  # the user deleted the layer
+            return
+        layer.data = relabel_planes(probabilities, self._threshold.value, self._min_size.value)
+        self._set_status(f"{int(layer.data.max())} objects (threshold {self._threshold.value:.2f}, "
+                         f"min size {self._min_size.value})")
 
     def _on_finished(self) -> None:
         self._worker = None
@@ -188,7 +226,7 @@ class SegmentWidget(Container):
 
 
 def _segment_steps(data, model_spec: str, has_alpha: bool, axes: str, name: str):
-    """Worker body: read the pixels, load the model (cached), yield (done, total), return (labels, task)."""
+    """Worker body: read the pixels, load the model, yield (done, total), return labels and probabilities."""
     from ..inference.predict import iter_segment_image
     from ..pretrained import load_model
 
@@ -196,4 +234,5 @@ def _segment_steps(data, model_spec: str, has_alpha: bool, axes: str, name: str)
     loaded = load_model(model_spec)
     result = yield from iter_segment_image(image, loaded, has_alpha=has_alpha, axes=axes,
                                            name=f"layer {name!r}")
-    return result.labels, loaded.task
+    postprocess = dict(loaded.postprocess)
+    return result.labels, loaded.task, result.probabilities, postprocess
