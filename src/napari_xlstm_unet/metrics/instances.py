@@ -25,7 +25,15 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from skimage.segmentation import relabel_sequential
 
-__all__ = ["MatchResult", "iou_matrix", "match_instances", "mean_scores", "remove_border_objects"]
+__all__ = [
+    "MatchResult",
+    "error_map",
+    "f1_over_thresholds",
+    "iou_matrix",
+    "match_instances",
+    "mean_scores",
+    "remove_border_objects",
+]
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,22 @@ def match_instances(
     -------
     MatchResult
     """
+    true, pred, pairs = _match(true, pred, iou_threshold, border_width)
+    n_true, n_pred = int(true.max(initial=0)), int(pred.max(initial=0))
+    if n_true == 0 and n_pred == 0:
+        return MatchResult(0, 0, 0, 0, 0, 1.0, 1.0, 1.0, 0.0)
+    tp = len(pairs)
+    matched_iou = float(np.mean([iou for _, _, iou in pairs])) if tp else 0.0
+
+    fp, fn = n_pred - tp, n_true - tp
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_true if n_true else 0.0
+    f1 = 2 * tp / (n_true + n_pred) if tp else 0.0
+    return MatchResult(n_true, n_pred, tp, fp, fn, precision, recall, f1, matched_iou)
+
+
+def _match(true: np.ndarray, pred: np.ndarray, iou_threshold: float, border_width: int):
+    """Return the relabelled images and the matched pairs ``(true id, pred id, IoU)`` at the threshold."""
     true = _as_labels(true, "true labels")
     pred = _as_labels(pred, "predicted labels")
     if true.shape != pred.shape:
@@ -120,27 +144,37 @@ def match_instances(
     true = relabel_sequential(true)[0]
     pred = relabel_sequential(pred)[0]
     n_true, n_pred = int(true.max(initial=0)), int(pred.max(initial=0))
-
-    if n_true == 0 and n_pred == 0:
-        return MatchResult(0, 0, 0, 0, 0, 1.0, 1.0, 1.0, 0.0)
-
-    tp = 0
-    matched_iou = 0.0
+    pairs: list[tuple[int, int, float]] = []
     if n_true and n_pred:
         iou = iou_matrix(true, pred)
         # Pairs above the threshold dominate; IoU breaks ties among them.
         cost = -(iou >= iou_threshold).astype(float) - iou / (2 * min(n_true, n_pred))
         rows, cols = linear_sum_assignment(cost)
-        pair_iou = iou[rows, cols]
-        hits = pair_iou >= iou_threshold
-        tp = int(hits.sum())
-        matched_iou = float(pair_iou[hits].mean()) if tp else 0.0
+        pairs = [(int(r) + 1, int(c) + 1, float(iou[r, c])) for r, c in zip(rows, cols)
+                 if iou[r, c] >= iou_threshold]
+    return true, pred, pairs
 
-    fp, fn = n_pred - tp, n_true - tp
-    precision = tp / n_pred if n_pred else 0.0
-    recall = tp / n_true if n_true else 0.0
-    f1 = 2 * tp / (n_true + n_pred) if tp else 0.0
-    return MatchResult(n_true, n_pred, tp, fp, fn, precision, recall, f1, matched_iou)
+
+def error_map(true: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5, border_width: int = 2) -> np.ndarray:
+    """Return a uint8 map of the errors: 1 on false-positive objects, 2 on missed true objects.
+
+    The matching and the border rule are those of :func:`match_instances`.
+    Where a false positive overlaps a missed object, the pixel shows the miss.
+    """
+    true, pred, pairs = _match(true, pred, iou_threshold, border_width)
+    matched_true = {t for t, _, _ in pairs}
+    matched_pred = {p for _, p, _ in pairs}
+    errors = np.zeros(true.shape, np.uint8)
+    errors[(pred > 0) & ~np.isin(pred, list(matched_pred))] = 1
+    errors[(true > 0) & ~np.isin(true, list(matched_true))] = 2
+    return errors
+
+
+def f1_over_thresholds(true: np.ndarray, pred: np.ndarray, thresholds=None, border_width: int = 2) -> float:
+    """Return the mean F1 over IoU thresholds (default 0.5, 0.55, ..., 0.95)."""
+    if thresholds is None:
+        thresholds = np.round(np.arange(0.5, 0.96, 0.05), 2)
+    return float(np.mean([match_instances(true, pred, t, border_width).f1 for t in thresholds]))
 
 
 def mean_scores(results: list[MatchResult]) -> dict[str, float]:

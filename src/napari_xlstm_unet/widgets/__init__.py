@@ -1,6 +1,7 @@
-"""napari dock widgets; each is a thin shell over plain functions (``inference``, ``batch``)."""
+"""napari dock widgets; each is a thin shell over plain functions (``inference``, ``batch``, ``metrics``)."""
 
 from ._batch import BatchWidget
+from ._evaluate import EvaluateWidget
 from ._segment import SegmentWidget
 
-__all__ = ["BatchWidget", "SegmentWidget"]
+__all__ = ["BatchWidget", "EvaluateWidget", "SegmentWidget"]
