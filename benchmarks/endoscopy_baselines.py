@@ -22,7 +22,6 @@ For every test image it writes ``OUT/<baseline>/<name>_labels.tif`` (uint8,
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +30,10 @@ from scipy import ndimage as ndi
 from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from napari_xlstm_unet.training.data import read_split_csv
 
-from data import read_split_csv  # noqa: E402
-
-from napari_xlstm_unet.io import read_image  # noqa: E402
-from napari_xlstm_unet.metrics.semantic import dice  # noqa: E402
+from napari_xlstm_unet.io import read_image
+from napari_xlstm_unet.metrics.semantic import dice
 
 FRACTIONS = np.round(np.arange(0.10, 0.46, 0.025), 3)
 

@@ -20,18 +20,15 @@ and the mean and largest foreground share of the others.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from napari_xlstm_unet.training.data import read_split_csv
 
-from data import read_split_csv  # noqa: E402
-
-from napari_xlstm_unet.inference.predict import segment_image  # noqa: E402
-from napari_xlstm_unet.io import read_image  # noqa: E402
-from napari_xlstm_unet.pretrained import load_model  # noqa: E402
+from napari_xlstm_unet.inference.predict import segment_image
+from napari_xlstm_unet.io import read_image
+from napari_xlstm_unet.pretrained import load_model
 
 
 def free_crops(mask: np.ndarray, size: int, step: int = 16, limit: int = 2) -> list[tuple[int, int]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 import numpy as np
 import pytest
@@ -14,13 +13,19 @@ from PIL import Image
 
 from conftest import CASES, REPO
 
-sys.path.insert(0, str(REPO / "training"))
-
-from augment import PatchDataset, group_weights  # noqa: E402
-from config import load_config  # noqa: E402
-from data import IGNORE_INDEX, Pair, Sample, load_sample, pairs_in_folder, semantic_classes, split_pairs  # noqa: E402
-from losses import deep_supervision_weights, dice_ce_loss  # noqa: E402
-from targets import check_instance_mask, instances_to_classes  # noqa: E402
+from napari_xlstm_unet.training.augment import PatchDataset, group_weights
+from napari_xlstm_unet.training.config import load_config
+from napari_xlstm_unet.training.data import (
+    IGNORE_INDEX,
+    Pair,
+    Sample,
+    load_sample,
+    pairs_in_folder,
+    semantic_classes,
+    split_pairs,
+)
+from napari_xlstm_unet.training.losses import deep_supervision_weights, dice_ce_loss
+from napari_xlstm_unet.training.targets import check_instance_mask, instances_to_classes
 
 BR17 = CASES / "BR-17"
 
@@ -274,7 +279,7 @@ def test_config_type_errors_name_the_setting(override, message):
 
 
 def test_non_finite_training_image_is_refused_by_name(tmp_path):
-    from data import RefusedPair
+    from napari_xlstm_unet.training.data import RefusedPair
 
     case = CASES / "BR-07"
     gt = sorted(case.glob("*gt*"))[0]

@@ -19,9 +19,9 @@ from conftest import CASES, REPO
 
 sys.path.insert(0, str(REPO / "training"))
 
-import engine  # noqa: E402
+from napari_xlstm_unet.training import engine  # noqa: E402
 import train  # noqa: E402
-from engine import weights_digest  # noqa: E402
+from napari_xlstm_unet.training.engine import weights_digest  # noqa: E402
 
 from napari_xlstm_unet.model import ModelConfig, build_model  # noqa: E402
 from napari_xlstm_unet.model.checkpoint import LoadedModel, load_checkpoint, save_checkpoint, transfer_weights  # noqa: E402

@@ -28,10 +28,8 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from config import load_config  # noqa: E402
-from engine import TrainingError, run  # noqa: E402
+from napari_xlstm_unet.training.config import load_config
+from napari_xlstm_unet.training.engine import TrainingError, run
 
 logger = logging.getLogger("train")
 

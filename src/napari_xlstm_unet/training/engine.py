@@ -36,20 +36,20 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from augment import PatchDataset, group_weights
-from config import TrainConfig, save_config
-from data import RefusedPair, load_sample, resolve_splits
-from evaluation import class_scores, cell_scores, predict_all, tune_postprocess, validation_score, write_report
-from losses import deep_supervision_loss
-from napari_xlstm_unet.model import build_model, preset
-from napari_xlstm_unet.model.checkpoint import (
+from ..model import build_model, preset
+from ..model.checkpoint import (
     DEFAULT_NORMALIZATION,
     LoadedModel,
     load_checkpoint,
     save_checkpoint,
     transfer_weights,
 )
-from napari_xlstm_unet.pretrained import resolve_model_path
+from ..pretrained import resolve_model_path
+from .augment import PatchDataset, group_weights
+from .config import TrainConfig, save_config
+from .data import RefusedPair, load_sample, resolve_splits
+from .evaluation import cell_scores, class_scores, predict_all, tune_postprocess, validation_score, write_report
+from .losses import deep_supervision_loss
 
 logger = logging.getLogger(__name__)
 

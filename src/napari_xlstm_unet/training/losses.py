@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from data import IGNORE_INDEX
+from .data import IGNORE_INDEX
 
 
 def deep_supervision_weights(n_outputs: int) -> list[float]:

@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_xlstm_unet.inference.normalize import prepare_image
-from napari_xlstm_unet.inference.predict import zoom_channels
-from napari_xlstm_unet.io import IMAGE_SUFFIXES, read_image
-from napari_xlstm_unet.masks import IGNORE_INDEX, semantic_classes  # noqa: F401 (re-exported)
-from targets import check_instance_mask, instances_to_classes
+from ..inference.normalize import prepare_image
+from ..inference.predict import zoom_channels
+from ..io import IMAGE_SUFFIXES, read_image
+from ..masks import IGNORE_INDEX, semantic_classes  # noqa: F401 (re-exported)
+from .targets import check_instance_mask, instances_to_classes
 
 logger = logging.getLogger(__name__)
 

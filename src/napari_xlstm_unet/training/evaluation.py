@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import IGNORE_INDEX, Sample
-from napari_xlstm_unet.inference.postprocess import probabilities_to_labels
-from napari_xlstm_unet.inference.tiling import predict_tiled
-from napari_xlstm_unet.metrics import match_instances, semantic_scores
+from ..inference.postprocess import probabilities_to_labels
+from ..inference.tiling import predict_tiled
+from ..metrics import match_instances, semantic_scores
+from .data import IGNORE_INDEX, Sample
 
 logger = logging.getLogger(__name__)
 

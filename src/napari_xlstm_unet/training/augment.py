@@ -32,7 +32,7 @@ import torch
 from scipy import ndimage as ndi
 from torch.utils.data import Dataset
 
-from data import IGNORE_INDEX, Sample
+from .data import IGNORE_INDEX, Sample
 
 
 def group_weights(groups: list[str]) -> np.ndarray:
