@@ -23,7 +23,7 @@ def test_manifest_is_valid_and_names_the_distribution():
 
     manifest = PluginManifest.from_distribution("napari-xlstm-unet")
     assert manifest.name == "napari-xlstm-unet"
-    assert [w.display_name for w in manifest.contributions.widgets] == ["Segment", "Batch", "Evaluate"]
+    assert [w.display_name for w in manifest.contributions.widgets] == ["Segment", "Batch", "Evaluate", "Fine-tune"]
     assert [s.key for s in manifest.contributions.sample_data] == ["nuclei", "polyp"]
     for command in manifest.contributions.commands:
         assert command.id.startswith("napari-xlstm-unet.")

@@ -173,11 +173,30 @@ class _Logs:
 def run(config: TrainConfig, out: Path, resume: bool = False, command: str = "") -> Path | None:
     """Train according to ``config`` in the run folder ``out``; return ``out/model.pt`` (rank 0).
 
+    This drains :func:`iter_run`, the generator form that reports progress.
+
     Raises
     ------
     TrainingError
         If the run folder already contains a run and ``resume`` is false, or the
         model's weights become non-finite.
+    """
+    steps = iter_run(config, out, resume, command)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str = ""):
+    """Generator form of :func:`run`: yields a progress dict after every step and epoch.
+
+    Step events are ``{"kind": "step", "step": n, "total_steps": N, "loss": x}``;
+    epoch events add ``"epoch"``, ``"val_score"`` and ``"kind": "epoch"``.
+    Closing the generator (a cancelled napari worker) stops the run between
+    steps; ``last.pt`` then holds the last finished epoch and ``model.pt`` is
+    not written. The return value is the path of ``model.pt`` (rank 0).
     """
     rank, world, local_rank = _distributed()
     is_main = rank == 0
@@ -268,79 +287,85 @@ def run(config: TrainConfig, out: Path, resume: bool = False, command: str = "")
     except ImportError:  # progress bars are optional
         tqdm = None
 
-    for epoch in range(state["epoch"], config.train.epochs):
-        dataset.set_epoch(epoch)
-        losses, skipped = [], 0
-        batches = loader
-        if tqdm is not None and is_main:
-            batches = tqdm(loader, desc=f"epoch {epoch + 1}/{config.train.epochs}", leave=False,
-                           mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        for images, targets in batches:
-            images, targets = images.to(device), targets.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                outputs = network(images)
-            loss = deep_supervision_loss(outputs, targets)
-            finite = torch.isfinite(loss.detach()).float()
-            if world > 1:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank must skip together
-            optimizer.zero_grad(set_to_none=True)
-            if finite.item() < 1:
-                logger.warning("step %d: non-finite loss (%s), step skipped", state["step"], loss.item())
-                skipped += 1
-                with warnings.catch_warnings():
-                    # The schedule follows the step count, skipped steps included.
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-                    scheduler.step()
+    try:
+        for epoch in range(state["epoch"], config.train.epochs):
+            dataset.set_epoch(epoch)
+            losses, skipped = [], 0
+            batches = loader
+            if tqdm is not None and is_main:
+                batches = tqdm(loader, desc=f"epoch {epoch + 1}/{config.train.epochs}", leave=False,
+                               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+            for images, targets in batches:
+                images, targets = images.to(device), targets.to(device)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    outputs = network(images)
+                loss = deep_supervision_loss(outputs, targets)
+                finite = torch.isfinite(loss.detach()).float()
+                if world > 1:
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank must skip together
+                optimizer.zero_grad(set_to_none=True)
+                if finite.item() < 1:
+                    logger.warning("step %d: non-finite loss (%s), step skipped", state["step"], loss.item())
+                    skipped += 1
+                    with warnings.catch_warnings():
+                        # The schedule follows the step count, skipped steps included.
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                        scheduler.step()
+                    state["step"] += 1
+                    yield {"kind": "step", "step": state["step"], "total_steps": total_steps, "loss": float("nan")}
+                    continue
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable, config.train.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    losses.append(loss.item())
+                scheduler.step()
                 state["step"] += 1
-                continue
-            else:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, config.train.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(loss.item())
-            scheduler.step()
-            state["step"] += 1
+                yield {"kind": "step", "step": state["step"], "total_steps": total_steps,
+                       "loss": losses[-1] if losses else float("nan")}
 
-        if not _all_finite(model):
-            raise TrainingError(
-                f"weights became non-finite in epoch {epoch + 1}; nothing was saved for this epoch. "
-                f"Lower train.lr (now {config.lr}) and resume from {last_path}"
-            )
-        val_score = float("nan")
-        last_epoch = epoch + 1 == config.train.epochs
-        if is_main and val_samples and ((epoch + 1) % config.val.every == 0 or last_epoch):
-            probabilities = predict_all(model, val_samples, model_config.num_classes, device, config.val.tile_size)
-            val_score = validation_score(task, probabilities, val_samples, postprocess,
-                                         config.val.nsd_tolerance, class_names)
-            if val_score > state["best_score"]:
-                state["best_score"] = val_score
-                _save(out / "best.pt", model, model_config, task, class_names, normalization, postprocess, {},
-                      input_scale=config.data.scale)
-        state["epoch"] = epoch + 1
-        state["seconds"] = time.time() - start
-        row = {"epoch": epoch + 1, "step": state["step"], "loss": float(np.mean(losses)) if losses else float("nan"),
-               "lr": scheduler.get_last_lr()[0], "val_score": val_score, "skipped_steps": skipped,
-               "seconds": round(state["seconds"], 1)}
-        state["history"].append(row)
-        logs.epoch(row)
-        if is_main:
-            logger.info("epoch %d/%d loss %.4f val %.4f (best %.4f) %.0f s", epoch + 1, config.train.epochs,
-                        row["loss"], val_score, state["best_score"], state["seconds"])
-            training_state = {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), **state,
-            }
-            _save(last_path, model, model_config, task, class_names, normalization, postprocess, {},
-                  extra={"training_state": training_state}, input_scale=config.data.scale)
-        if world > 1:
-            dist.barrier()
-        if config.train.stop_after_epoch and epoch + 1 >= config.train.stop_after_epoch and not last_epoch:
-            logger.info("stopped after epoch %d as asked; continue with --resume", epoch + 1)
-            logs.close()
-            return None
-    logs.close()
+            if not _all_finite(model):
+                raise TrainingError(
+                    f"weights became non-finite in epoch {epoch + 1}; nothing was saved for this epoch. "
+                    f"Lower train.lr (now {config.lr}) and resume from {last_path}"
+                )
+            val_score = float("nan")
+            last_epoch = epoch + 1 == config.train.epochs
+            if is_main and val_samples and ((epoch + 1) % config.val.every == 0 or last_epoch):
+                probabilities = predict_all(model, val_samples, model_config.num_classes, device, config.val.tile_size)
+                val_score = validation_score(task, probabilities, val_samples, postprocess,
+                                             config.val.nsd_tolerance, class_names)
+                if val_score > state["best_score"]:
+                    state["best_score"] = val_score
+                    _save(out / "best.pt", model, model_config, task, class_names, normalization, postprocess, {},
+                          input_scale=config.data.scale)
+            state["epoch"] = epoch + 1
+            state["seconds"] = time.time() - start
+            row = {"epoch": epoch + 1, "step": state["step"], "loss": float(np.mean(losses)) if losses else float("nan"),
+                   "lr": scheduler.get_last_lr()[0], "val_score": val_score, "skipped_steps": skipped,
+                   "seconds": round(state["seconds"], 1)}
+            state["history"].append(row)
+            logs.epoch(row)
+            yield {"kind": "epoch", "total_steps": total_steps, **row}
+            if is_main:
+                logger.info("epoch %d/%d loss %.4f val %.4f (best %.4f) %.0f s", epoch + 1, config.train.epochs,
+                            row["loss"], val_score, state["best_score"], state["seconds"])
+                training_state = {
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), **state,
+                }
+                _save(last_path, model, model_config, task, class_names, normalization, postprocess, {},
+                      extra={"training_state": training_state}, input_scale=config.data.scale)
+            if world > 1:
+                dist.barrier()
+            if config.train.stop_after_epoch and epoch + 1 >= config.train.stop_after_epoch and not last_epoch:
+                logger.info("stopped after epoch %d as asked; continue with --resume", epoch + 1)
+                return None
+    finally:
+        # Also when the generator is closed early (a cancelled napari worker).
+        logs.close()
 
     _check_ranks_agree(model, out, world, is_main)
     if not is_main:

@@ -2,6 +2,7 @@
 
 from ._batch import BatchWidget
 from ._evaluate import EvaluateWidget
+from ._finetune import FinetuneWidget
 from ._segment import SegmentWidget
 
-__all__ = ["BatchWidget", "EvaluateWidget", "SegmentWidget"]
+__all__ = ["BatchWidget", "EvaluateWidget", "FinetuneWidget", "SegmentWidget"]

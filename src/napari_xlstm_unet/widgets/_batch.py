@@ -53,7 +53,7 @@ class BatchWidget(Container):
         self.checkpoint = FileEdit(label="Checkpoint", mode="r", filter="*.pt", visible=False)
         self.recursive = CheckBox(label="Subfolders", value=False)
         self.pattern = LineEdit(label="File pattern", value="*")
-        self.gt_dir = FileEdit(label="Ground truth (optional)", mode="d")
+        self.gt_dir = FileEdit(label="Ground truth (optional)", mode="d", nullable=True, value=None)
         self.overwrite = CheckBox(label="Overwrite outputs", value=False)
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -64,7 +64,6 @@ class BatchWidget(Container):
         self.extend([self.input_dir, self.output_dir, self.task, self.model, self.checkpoint, self.recursive,
                      self.pattern, self.gt_dir, self.overwrite, self.run_button, self.cancel_button,
                      self.progress, self.current, self.table, self.open_button])
-        self.gt_dir.value = ""
         self.model.changed.connect(lambda value: setattr(self.checkpoint, "visible", value == FILE_CHOICE))
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
@@ -88,7 +87,7 @@ class BatchWidget(Container):
         return BatchOptions(
             out_dir=Path(self.output_dir.value), task=self.task.value, model=model,
             recursive=self.recursive.value, pattern=self.pattern.value or "*",
-            gt_dir=Path(self.gt_dir.value) if _chosen(self.gt_dir.value) else None,
+            gt_dir=Path(self.gt_dir.value) if self.gt_dir.value is not None else None,
             overwrite=self.overwrite.value,
         )
 

@@ -117,13 +117,26 @@ class SegmentWidget(Container):
                      self._progress, self._status, self._threshold, self._min_size])
         self._threshold.changed.connect(self._relabel)
         self._min_size.changed.connect(self._relabel)
+        from ._finetune import SEGMENT_WIDGETS
 
+        SEGMENT_WIDGETS.add(self)
         self._model.changed.connect(self._on_model_changed)
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
         self._image.changed.connect(lambda _layer: self._model.reset_choices())
         viewer.layers.events.inserted.connect(self._image.reset_choices)
         viewer.layers.events.removed.connect(self._image.reset_choices)
+
+    @property
+    def viewer(self) -> napari.viewer.Viewer:
+        """The viewer this widget belongs to."""
+        return self._viewer
+
+    def use_checkpoint(self, path) -> None:
+        """Switch the model to the checkpoint file ``path``, for example a fine-tuned model."""
+        self._model.value = FILE_CHOICE
+        self._checkpoint.value = path
+        self._set_status(f"model: {path}")
 
     def _on_model_changed(self, value: str) -> None:
         self._checkpoint.visible = value == FILE_CHOICE
