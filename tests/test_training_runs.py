@@ -234,3 +234,14 @@ def test_data_scale_is_stored_in_the_checkpoint(tmp_path):
     loaded = load_checkpoint(tmp_path / "run" / "model.pt")
     assert loaded.input_scale == 0.5
     assert load_checkpoint(tmp_path / "run" / "last.pt").input_scale == 0.5
+
+
+def test_sgd_uses_nesterov_momentum(tmp_path):
+    assert train.main(["--out", str(tmp_path / "run"), "--set", f"data.train_dir={BR18}", "--epochs", "1",
+                       "--set", "train.optimizer=sgd", *QUICK]) == 0
+    optimizer = _state(tmp_path / "run" / "last.pt")["training_state"]["optimizer"]
+    group = optimizer["param_groups"][0]
+    assert group["nesterov"] is True
+    assert group["momentum"] == 0.99
+    assert group["weight_decay"] == 3e-5
+    assert all("momentum_buffer" in state for state in optimizer["state"].values())
