@@ -52,6 +52,7 @@ def test_bad_files_fail_by_name_and_the_run_goes_on(mixed_folder, tmp_path):
     for name in ("junk.tif", "empty.png", "truncated.tif"):
         assert rows[name]["status"] == "failed"
         assert rows[name]["reason"]
+        assert rows[name]["output"] == ""
         assert not (out / f"{name.rsplit('.', 1)[0]}_labels.tif").exists()
     assert rows["crop_uint16.tif"]["shape"] == "64x80"
     assert int(rows["crop_uint8.tif"]["objects"]) > 0
@@ -71,8 +72,14 @@ def test_stopped_run_resumes_without_redoing_files(mixed_folder, tmp_path):
     assert 1 <= first["ok"] < 3
     written = {p.name: p.stat().st_mtime_ns for p in out.glob("*_labels.tif")}
     assert len(written) == first["ok"]
+    first_rows = _rows(out / "results.csv")
     second = run_batch([mixed_folder], BatchOptions(out_dir=out))
     assert second["skipped"] == first["ok"]
+    # Files done by the first run keep its row (object counts, seconds) in results.csv.
+    for name, row in _rows(out / "results.csv").items():
+        if name in first_rows:
+            assert row["objects"] == first_rows[name]["objects"]
+            assert row["reason"] == "segmented by an earlier run"
     assert second["ok"] == 3 - first["ok"]
     for name, mtime in written.items():
         assert (out / name).stat().st_mtime_ns == mtime  # left alone

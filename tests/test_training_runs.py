@@ -85,6 +85,9 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path):
     assert not (tmp_path / "parts" / "model.pt").exists()
     assert train.main(["--out", str(tmp_path / "parts"), "--resume", "--set", "train.stop_after_epoch=0"]) == 0
 
+    finished = (tmp_path / "parts" / "model.pt").stat().st_mtime_ns
+    assert train.main(["--out", str(tmp_path / "parts"), "--resume"]) == 0  # complete: nothing to do
+    assert (tmp_path / "parts" / "model.pt").stat().st_mtime_ns == finished
     whole, parts = _state(tmp_path / "whole" / "last.pt"), _state(tmp_path / "parts" / "last.pt")
     for key, value in whole["state_dict"].items():
         torch.testing.assert_close(parts["state_dict"][key], value, rtol=0, atol=0)

@@ -37,7 +37,8 @@ logger = logging.getLogger("train")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Settings: see training/configs/*.yaml and training/config.py for every key and its default.",
+        epilog="Settings: see training/configs/*.yaml, and src/napari_xlstm_unet/training/config.py for every key "
+               "and its default.",
     )
     parser.add_argument("--config", type=Path, help="YAML file; defaults apply to keys it leaves out")
     parser.add_argument("--out", type=Path, required=True,

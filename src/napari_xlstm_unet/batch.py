@@ -250,6 +250,8 @@ def iter_batch(
                 # RuntimeError covers torch failures, torch.OutOfMemoryError among them.
                 result.status, result.reason = "failed", str(error).splitlines()[0] if str(error) else type(error).__name__
                 write = None
+            if write is None:
+                result.output = ""  # nothing was written
             result.seconds = round(time.perf_counter() - start, 3)
             if pending_write is not None:
                 yield _finish_write(*pending_write)
@@ -276,6 +278,13 @@ def model_identity(loaded) -> dict:
     card = loaded.model_card or {}
     return {"path": loaded.source, "sha256": digest, "task": loaded.task, "name": card.get("name"),
             "date": card.get("date"), "input_scale": loaded.input_scale}
+
+
+def _earlier_rows(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {row["input"]: row for row in csv.DictReader(handle)}
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -363,13 +372,19 @@ def iter_run_batch(inputs: list[str | os.PathLike], options: BatchOptions,
         (out_dir / "run.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
 
     rows = []
+    csv_path = out_dir / (f"results.rank{rank}.csv" if world > 1 else "results.csv")
+    earlier = _earlier_rows(csv_path)
     try:
         for done, result in enumerate(iter_batch(mine, loaded, options, should_stop), start=1):
-            rows.append(result.row())
+            row = result.row()
+            # A file skipped because an earlier run segmented it keeps that run's details.
+            if result.status == "skipped" and earlier.get(row["input"], {}).get("status") == "ok":
+                row = {**earlier[row["input"]], "status": "skipped", "reason": "segmented by an earlier run"}
+            rows.append(row)
             yield result, done, len(mine)
     finally:
         # Also when the consumer stops early (a quit worker closes the generator).
-        _write_csv(out_dir / (f"results.rank{rank}.csv" if world > 1 else "results.csv"), rows)
+        _write_csv(csv_path, rows)
     if world > 1:
         import torch.distributed as dist
 

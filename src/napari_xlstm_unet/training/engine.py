@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..model import build_model, preset
 from ..model.checkpoint import (
     DEFAULT_NORMALIZATION,
+    DEFAULT_POSTPROCESS,
     LoadedModel,
     load_checkpoint,
     save_checkpoint,
@@ -99,8 +100,8 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def build_network(config: TrainConfig, n_classes: int) -> tuple[torch.nn.Module, object, dict, str | None]:
-    """Return (model, model config, normalisation, init source) for a run.
+def build_network(config: TrainConfig, n_classes: int) -> tuple[torch.nn.Module, object, dict, str | None, dict]:
+    """Return (model, model config, normalisation, init source, starting post-processing) for a run.
 
     With ``model.init`` the architecture and normalisation come from that
     checkpoint. Rule for a different number of classes: every tensor is
@@ -109,7 +110,7 @@ def build_network(config: TrainConfig, n_classes: int) -> tuple[torch.nn.Module,
     if not config.model.init:
         model_config = preset(config.model.preset, in_channels=3, num_classes=n_classes, xlstm=config.model.xlstm,
                               vil_directions=config.model.vil_directions)
-        return build_model(model_config), model_config, dict(DEFAULT_NORMALIZATION), None
+        return build_model(model_config), model_config, dict(DEFAULT_NORMALIZATION), None, dict(DEFAULT_POSTPROCESS)
     path = resolve_model_path(config.model.init)
     source = load_checkpoint(path)
     model_config = source.config
@@ -123,7 +124,8 @@ def build_network(config: TrainConfig, n_classes: int) -> tuple[torch.nn.Module,
     transfer_weights(model, source, skip_prefixes=("heads.",) if source.config.num_classes != n_classes else ())
     logger.info("starting from %s (%s, xlstm=%s); model.preset and model.xlstm are ignored",
                 path, model_config.widths, model_config.xlstm)
-    return model, model_config, dict(source.normalization), str(path)
+    start = dict(source.postprocess) if source.task == "cells" and source.postprocess else dict(DEFAULT_POSTPROCESS)
+    return model, model_config, dict(source.normalization), str(path), start
 
 
 def _optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
@@ -217,7 +219,7 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
     torch.manual_seed(config.train.seed)
     task = config.task
     class_names = list(config.data.classes)
-    model, model_config, normalization, init_source = build_network(config, len(class_names))
+    model, model_config, normalization, init_source, start_postprocess = build_network(config, len(class_names))
     model.to(device).train()
     if config.model.freeze_encoder:
         for name, parameter in model.named_parameters():
@@ -262,7 +264,7 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    state = {"epoch": 0, "step": 0, "best_score": -math.inf, "history": [], "seconds": 0.0}
+    state = {"epoch": 0, "step": 0, "best_score": -math.inf, "history": [], "seconds": 0.0, "command": command}
     if resume:
         payload = torch.load(last_path, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["state_dict"])
@@ -271,7 +273,13 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
         scheduler.load_state_dict(training["scheduler"])
         scaler.load_state_dict(training["scaler"])
         torch.set_rng_state(training["torch_rng"])
-        state = {k: training[k] for k in state}
+        first_command = training.get("command", "")
+        state = {k: training.get(k, state[k]) for k in state}
+        state["command"] = f"{first_command}; resumed with: {command}" if first_command else command
+        if state["epoch"] >= config.train.epochs and (out / "model.pt").is_file():
+            logger.info("%s is already complete (epoch %d of %d); nothing to do. Raise train.epochs "
+                        "with --set to train longer", out, state["epoch"], config.train.epochs)
+            return out / "model.pt"
         logger.info("resumed %s at epoch %d (step %d)", last_path, state["epoch"], state["step"])
 
     network = model
@@ -281,7 +289,7 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
 
     logs = _Logs(out, is_main)
     start = time.time() - state["seconds"]
-    postprocess = {"prob_threshold": 0.5, "min_size": 16}
+    postprocess = dict(start_postprocess)
     try:
         from tqdm import tqdm
     except ImportError:  # progress bars are optional
@@ -373,7 +381,7 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
     if val_samples and (out / "best.pt").is_file():
         model.load_state_dict(load_checkpoint(out / "best.pt").model.state_dict())
     return _finish(config, out, model, model_config, device, task, class_names, normalization,
-                   len(train_samples), val_samples, test_pairs, state, init_source, command)
+                   len(train_samples), val_samples, test_pairs, state, init_source, command, start_postprocess)
 
 
 def _load_all(load, pairs) -> list:
@@ -413,9 +421,9 @@ def _save(path, model, model_config, task, class_names, normalization, postproce
 
 
 def _finish(config, out, model, model_config, device, task, class_names, normalization, n_train,
-            val_samples, test_pairs, state, init_source, command) -> Path:
+            val_samples, test_pairs, state, init_source, command, start_postprocess) -> Path:
     """Tune post-processing on validation, write the reports and ``model.pt``."""
-    postprocess = {"prob_threshold": 0.5, "min_size": 16} if task == "cells" else {}
+    postprocess = dict(start_postprocess) if task == "cells" else {}
     card_scores = {}
     report_dir = out / "eval"
     for name, samples in (("val", val_samples), ("test", None)):
@@ -426,8 +434,11 @@ def _finish(config, out, model, model_config, device, task, class_names, normali
                                    config.data.ignore_value, config.data.scale) for p in test_pairs]
         probabilities = predict_all(model, samples, model_config.num_classes, device, config.val.tile_size)
         if task == "cells":
-            if name == "val" and config.val.tune_postprocess:
-                postprocess, tuned = tune_postprocess(probabilities, samples)
+            if name == "val" and config.val.tune_postprocess and len(samples) < 3:
+                logger.warning("only %d validation image(s): post-processing kept at %s instead of tuning",
+                               len(samples), postprocess)
+            elif name == "val" and config.val.tune_postprocess:
+                postprocess, tuned = tune_postprocess(probabilities, samples, postprocess)
                 logger.info("post-processing tuned on validation: %s (F1 %.4f)", postprocess, tuned)
             rows = cell_scores(probabilities, samples, postprocess["prob_threshold"], postprocess["min_size"])
             summary = write_report(rows, report_dir, name)
@@ -444,7 +455,7 @@ def _finish(config, out, model, model_config, device, task, class_names, normali
         "task": task,
         "data": (f"{config.data.split_csv or config.data.train_dir}: {n_train} training and "
                  f"{len(val_samples)} validation images"),
-        "command": command,
+        "command": state.get("command", command),
         "date": datetime.date.today().isoformat(),
         "training_seconds": round(state["seconds"]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {device}",

@@ -70,14 +70,24 @@ def validation_score(task: str, probabilities, samples, postprocess: dict, toler
     return float(np.mean([r["dice"] for r in rows]))
 
 
-def tune_postprocess(probabilities, samples) -> tuple[dict, float]:
-    """Grid-search the cell threshold and minimum size on validation images; return the best and its F1."""
+def tune_postprocess(probabilities, samples, start: dict) -> tuple[dict, float]:
+    """Grid-search the cell threshold and minimum size on validation images; return the best and its F1.
+
+    Ties go to the grid point nearest ``start`` (the values the run began
+    with), so that a validation set too small to tell settings apart does
+    not move them to the edge of the grid.
+    """
     grid = {
         (t, m): float(np.mean([r["f1"] for r in cell_scores(probabilities, samples, t, m)]))
         for t in THRESHOLD_GRID for m in MIN_SIZE_GRID
     }
-    (threshold, min_size), f1 = max(grid.items(), key=lambda item: item[1])
-    return {"prob_threshold": threshold, "min_size": min_size}, f1
+    best = max(grid.values())
+
+    def distance(point):
+        return abs(point[0] - start["prob_threshold"]) + abs(point[1] - start["min_size"]) / 100
+
+    threshold, min_size = min((p for p, f1 in grid.items() if f1 == best), key=distance)
+    return {"prob_threshold": threshold, "min_size": min_size}, best
 
 
 def write_report(rows: list[dict], folder: Path, name: str) -> dict:
