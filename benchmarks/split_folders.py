@@ -3,7 +3,7 @@
     python benchmarks/split_folders.py --split training/splits/dsb2018.csv \
         --data-root ../shared/data --which test --out runs/test_split
 
-writes ``OUT/images/<name>.tif`` and ``OUT/masks/<name>.tif`` as symbolic links.
+writes ``OUT/images/<name>.<ext>`` and ``OUT/masks/<name>.<ext>`` as symbolic links.
 With ``--gbm40`` it links the GBM40 images of ``microscopy`` instead.
 """
 
@@ -35,10 +35,12 @@ def main() -> int:
         target = args.out / kind
         target.mkdir(parents=True, exist_ok=True)
         for row in rows:
-            link = target / f"{row['name']}.tif"
+            # The file keeps its own suffix (.tif for cells, .png for endoscopy).
+            source = next((args.data_root / row["dataset"] / kind).glob(f"{row['name']}.*"))
+            link = target / source.name
             if link.is_symlink() or link.exists():
                 link.unlink()
-            link.symlink_to((args.data_root / row["dataset"] / kind / f"{row['name']}.tif").resolve())
+            link.symlink_to(source.resolve())
     print(f"linked {len(rows)} image/mask pairs under {args.out}")
     return 0
 
