@@ -12,7 +12,9 @@ Sections, all measured in one run so that ratios compare like with like:
    GEMM FLOP/s.
 2. Peak resident memory and time of the shipped cell model through the tiled
    predictor on 512, 2048 and 4096 pixel square images, each in a fresh
-   process so that the peaks do not mix.
+   process whose peak is reset just before the call (Linux only). Time is
+   also given per sliding window, since overlapping windows make the work
+   grow in steps with the image size.
 3. A peer: cellpose's U-Net (``cellpose.resnet_torch.CPnet``, built without
    weights) on the same 512 x 512 input, when the ``cellpose`` package is
    installed (``pip install 'cellpose<4'``); otherwise the row says so.
@@ -26,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from napari_xlstm_unet.inference.tiling import predict_tiled
+from napari_xlstm_unet.inference.tiling import count_windows, predict_tiled
 from napari_xlstm_unet.model import build_model, preset
 
 PLACEMENTS = ("none", "bot", "enc", "full")
@@ -103,11 +104,24 @@ def _memory_child(side: int, threads: int) -> None:
     loaded = load_model("cells", device="cpu")
     predict_tiled(loaded.model, np.zeros((3, 64, 64), np.float32), 3, tile_size=512)  # warm-up
     image = np.random.default_rng(0).random((3, side, side), dtype=np.float32)
+    # ru_maxrss survives fork and exec, so it can report the parent's peak.
+    # Linux resets this process's own peak (VmHWM) on writing 5 to clear_refs.
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    before_mb = _status_mb("VmRSS")
     start = time.perf_counter()
     predict_tiled(loaded.model, image, 3, tile_size=512, device="cpu")
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": _status_mb("VmHWM"), "rss_before_mb": before_mb,
+                      "windows": count_windows(side, side, 512, 0.125)}))
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # the file gives kB
+    raise RuntimeError(f"{field} not found in /proc/self/status; the memory section needs Linux")
 
 
 def memory_rows(args) -> list[dict]:
@@ -117,7 +131,8 @@ def memory_rows(args) -> list[dict]:
                                 check=True, capture_output=True, text=True).stdout
         result = json.loads(output.strip().splitlines()[-1])
         rows.append({"section": "memory", "side": side, "megapixels": side * side / 1e6, **result,
-                     "s_per_megapixel": result["seconds"] / (side * side / 1e6)})
+                     "s_per_megapixel": result["seconds"] / (side * side / 1e6),
+                     "s_per_window": result["seconds"] / result["windows"]})
         print(f"  memory {side}: {result['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
     return rows
 
