@@ -174,6 +174,8 @@ def iter_predict_tiled(
     else:
         weights = np.ones((tile_h, tile_w), np.float32)
 
+    # NOTE: these full-size accumulators make peak memory grow with the image
+    # (16 bytes per pixel for 3 classes); a memory-mapped file would keep it flat.
     probabilities = np.zeros((num_classes, height, width), dtype=np.float32)
     weight_sum = np.zeros((height, width), dtype=np.float32)
     for index, (y, x) in enumerate(windows):
