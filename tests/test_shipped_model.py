@@ -80,3 +80,17 @@ def test_shipped_polyp_model_reaches_recorded_dice(name, floor):
     assert labels.shape == truth.shape
     assert labels.dtype == np.uint8
     assert semantic_scores(truth, labels).dice >= floor
+
+
+def test_shipped_instrument_model_finds_the_laparoscopic_tool():
+    from PIL import Image
+
+    from napari_xlstm_unet.metrics import semantic_scores
+
+    name = "cholecinstseg_VID03_000150"  # a test frame; Dice 0.799 when the model shipped
+    with open(REPO / "training" / "splits" / "instruments.csv", newline="") as handle:
+        assert {row["name"]: row["split"] for row in csv.DictReader(handle)}[name] == "test"
+    frame = np.asarray(Image.open(DATA / "endoscopy-instruments" / "images" / f"{name}.png"))
+    truth = np.asarray(Image.open(DATA / "endoscopy-instruments" / "masks" / f"{name}.png"))
+    labels = segment_image(frame, load_model("instruments", device="cpu")).labels
+    assert semantic_scores(truth, labels).dice >= 0.75
