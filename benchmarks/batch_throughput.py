@@ -3,10 +3,9 @@
     python benchmarks/batch_throughput.py ../shared/data/microscopy/images [--threads 2]
 
 Segments every image of the folder into a temporary folder with
-:func:`napari_xlstm_unet.batch.run_batch` and prints the machine, the number
-of files and megapixels, the wall time, files per second and megapixels per
-second, and the sum of the per-file network seconds, so that the share of
-time spent outside the network (reading, writing, waiting) shows.
+:func:`napari_xlstm_unet.batch.run_batch`. Prints the machine, the number
+of files and megapixels, the wall time, files and megapixels per second,
+and the sum of the per-file seconds, for comparison with the wall time.
 """
 
 from __future__ import annotations

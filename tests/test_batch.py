@@ -43,7 +43,7 @@ def mixed_folder(tmp_path):
     return folder
 
 
-def test_bad_files_fail_by_name_and_the_run_goes_on(mixed_folder, tmp_path):
+def test_batch_bad_files_isolated(mixed_folder, tmp_path):
     out = tmp_path / "out"
     summary = run_batch([mixed_folder], BatchOptions(out_dir=out))
     assert summary == {"ok": 3, "failed": 3, "skipped": 0, "total": 6, "results_csv": str(out / "results.csv")}
@@ -102,7 +102,7 @@ def test_recursive_pattern_mirrors_subfolders(tmp_path):
     assert (out / "b" / "x_labels.tif").is_file()
 
 
-def test_ground_truth_adds_metrics_and_run_json_names_the_model(tmp_path):
+def test_batch_ground_truth_and_run_json(tmp_path):
     folder, gt = tmp_path / "in", tmp_path / "gt"
     folder.mkdir()
     gt.mkdir()

@@ -11,7 +11,7 @@ Rules:
 - The model is loaded once. A reader thread loads the next file and a writer
   thread saves the previous result while the network runs.
 - ``run.json`` beside the outputs records the arguments and the model's
-  identity (path, SHA-256, task, model card name and date); ``results.csv``
+  identity (path, SHA-256, task, model card name and date). ``results.csv``
   has one row per file.
 - Under ``torchrun`` the files are dealt out to the processes by index
   (file i goes to rank i mod N). Each rank writes its own outputs and
@@ -198,9 +198,9 @@ def iter_batch(
 
     Reading the next file and writing the previous result run in background
     threads while the network works. ``should_stop`` is checked before each
-    file; a stop finishes the file in progress (and writes it), so each result
-    arrives one file late and a stopped run may complete one more file than
-    it reported before the stop.
+    file. A stop finishes the file in progress and writes it. Because each
+    result arrives one file late, a stopped run may complete one more file
+    than it had reported when the stop came.
     """
     from .inference.predict import segment_image
 

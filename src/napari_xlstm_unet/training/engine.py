@@ -197,7 +197,7 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
     Step events are ``{"kind": "step", "step": n, "total_steps": N, "loss": x}``;
     epoch events add ``"epoch"``, ``"val_score"`` and ``"kind": "epoch"``.
     Closing the generator (a cancelled napari worker) stops the run between
-    steps; ``last.pt`` then holds the last finished epoch and ``model.pt`` is
+    steps; ``last.pt`` then contains the last finished epoch and ``model.pt`` is
     not written. The return value is the path of ``model.pt`` (rank 0).
     """
     rank, world, local_rank = _distributed()

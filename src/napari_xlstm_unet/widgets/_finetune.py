@@ -3,7 +3,7 @@
 A thin shell over :func:`prepare_finetune` and the training engine
 (:func:`~napari_xlstm_unet.training.engine.iter_run`), the same code as
 ``training/train.py``. The image/labels pairs are written to a temporary
-run folder; the run goes in a ``thread_worker`` with a live plot of the loss
+run folder. The run goes in a ``thread_worker``, with a live plot of the loss
 and the validation score, a progress bar and Cancel. Only a finished run
 writes the chosen checkpoint path, so a cancelled run leaves the previous
 model in place. Open Segment widgets then switch to the new checkpoint.
@@ -49,7 +49,7 @@ def prepare_finetune(pairs: list[tuple[np.ndarray, np.ndarray]], folder: Path, b
     Parameters
     ----------
     pairs : list of (image, labels)
-        Image arrays as napari holds them (2D grey or (H, W, 3) RGB) and their
+        Image arrays as napari stores them (2D grey or (H, W, 3) RGB) and their
         corrected labels (instance ids for cells, classes for endoscopy).
     folder : pathlib.Path
         An empty working folder.
@@ -106,7 +106,7 @@ def prepare_finetune(pairs: list[tuple[np.ndarray, np.ndarray]], folder: Path, b
 
 
 class LossPlot:
-    """A small matplotlib figure of the training loss and the validation score, embedded in Qt."""
+    """Plot of the training loss and the validation score: a small matplotlib figure embedded in Qt."""
 
     def __init__(self) -> None:
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
