@@ -151,3 +151,22 @@ def test_changing_thresholds_relabels_without_the_network(widget_and_viewer, qtb
     widget._threshold.value = 0.95
     np.testing.assert_array_equal(labels_layer.data, probabilities_to_labels(probabilities, 0.95, min_size))
     assert "threshold 0.95" in widget._status.value
+
+
+def test_rgb_frame_with_the_polyp_model_gives_classes(widget_and_viewer, qtbot):
+    from napari_xlstm_unet._sample_data import polyp_sample
+    from napari_xlstm_unet.widgets._segment import SHIPPED_CHOICES
+
+    widget, viewer = widget_and_viewer
+    [(data, meta, _)] = polyp_sample()
+    widget._image.value = viewer.add_image(data, **meta)
+    polyp_choice = next(text for text, (name, _) in SHIPPED_CHOICES.items() if name == "polyps")
+    assert polyp_choice in widget._model.choices
+    widget._model.value = polyp_choice
+    widget.run()
+    qtbot.waitUntil(lambda: widget._worker is None and len(viewer.layers) == 2, timeout=60_000)
+    labels = viewer.layers[-1]
+    assert labels.data.shape == data.shape[:2]
+    assert set(np.unique(labels.data)) == {0, 1}
+    assert "foreground classes" in widget._status.value
+    assert not widget._threshold.enabled  # cell thresholds do not apply to class maps
