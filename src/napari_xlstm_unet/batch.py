@@ -171,11 +171,10 @@ def _metrics(task: str, labels: np.ndarray, truth_path: Path) -> dict[str, float
 
         result = match_instances(truth, labels)
         return {"f1": result.f1, "precision": result.precision, "recall": result.recall}
-    from .masks import IGNORE_INDEX, semantic_classes
+    from .masks import IGNORE_INDEX, ground_truth_classes
     from .metrics import semantic_scores
 
-    n_classes = max(2, int(labels.max(initial=0)) + 1, int(truth[truth != 255].max(initial=0)) + 1)
-    classes = semantic_classes(truth, truth_path, n_classes, None)
+    classes = ground_truth_classes(truth, truth_path, labels)
     result = semantic_scores(classes, labels, ignore=classes == IGNORE_INDEX)
     return {"dice": result.dice, "nsd": result.nsd}
 

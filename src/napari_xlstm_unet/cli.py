@@ -222,7 +222,7 @@ def _write_csv(path: Path | None, rows: list[dict]) -> None:
 
 
 def _evaluate_classes(args: argparse.Namespace, names: list[str], predictions: dict, truths: dict) -> int:
-    from .masks import IGNORE_INDEX, semantic_classes
+    from .masks import IGNORE_INDEX, ground_truth_classes
     from .metrics import mean_semantic_scores, semantic_scores
 
     print(f"Dice and NSD (tolerance {args.tolerance:g} px) per image over the classes present in "
@@ -235,11 +235,7 @@ def _evaluate_classes(args: argparse.Namespace, names: list[str], predictions: d
         if raw.shape != pred.shape:
             raise ValueError(f"{predictions[name]} has shape {pred.shape} but its ground truth "
                              f"{truths[name]} has {raw.shape}")
-        # Ground truth follows the training rules, so a {0, 255} mask is binary.
-        # 255 does not count as a class here, and the ignore value never does.
-        classes_seen = raw[(raw != 255) & (raw != (args.ignore_value if args.ignore_value is not None else -1))]
-        n_classes = max(2, int(pred.max(initial=0)) + 1, int(classes_seen.max(initial=0)) + 1)
-        true = semantic_classes(raw, truths[name], n_classes, args.ignore_value)
+        true = ground_truth_classes(raw, truths[name], pred, args.ignore_value)
         result = semantic_scores(true, pred, tolerance=args.tolerance, ignore=true == IGNORE_INDEX)
         results.append(result)
         row = {"name": name, "dice": result.dice, "nsd": result.nsd, "n_classes": result.n_classes}

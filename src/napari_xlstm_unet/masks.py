@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IGNORE_INDEX", "semantic_classes"]
+__all__ = ["IGNORE_INDEX", "ground_truth_classes", "semantic_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,3 +62,18 @@ def semantic_classes(mask: np.ndarray, path: str | Path, n_classes: int, ignore_
         )
     classes[ignore] = IGNORE_INDEX
     return classes
+
+
+def ground_truth_classes(truth: np.ndarray, path: str | Path, prediction: np.ndarray,
+                         ignore_value: int | None = None) -> np.ndarray:
+    """Return a ground-truth class map for scoring ``prediction``, by the rules of :func:`semantic_classes`.
+
+    The number of classes is the larger of what the prediction and the ground
+    truth use, at least 2. The value 255 and ``ignore_value`` do not count as
+    classes, so a {0, 255} mask stays binary.
+    """
+    ignored = truth == 255
+    if ignore_value is not None:
+        ignored |= truth == ignore_value
+    n_classes = max(2, int(prediction.max(initial=0)) + 1, int(truth[~ignored].max(initial=0)) + 1)
+    return semantic_classes(truth, path, n_classes, ignore_value)
