@@ -17,7 +17,8 @@ Sections, all measured in one run so that ratios compare like with like:
    grow in steps with the image size.
 3. A peer: cellpose's U-Net (``cellpose.resnet_torch.CPnet``, built without
    weights) on the same 512 x 512 input, when the ``cellpose`` package is
-   installed (``pip install 'cellpose<4'``); otherwise the row says so.
+   installed (``pip install 'cellpose<4'``); otherwise the row is marked as
+   skipped.
 4. Training throughput (patches per second, forward + backward + AdamW step)
    for each preset at its training patch size.
 """

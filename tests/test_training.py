@@ -279,11 +279,11 @@ def test_config_type_errors_name_the_setting(override, message):
 
 
 def test_non_finite_training_image_is_refused_by_name(tmp_path):
-    from napari_xlstm_unet.training.data import RefusedPair
+    from napari_xlstm_unet.training.data import RejectedPair
 
     case = CASES / "BR-07"
     gt = sorted(case.glob("*gt*"))[0]
-    with pytest.raises(RefusedPair, match=r"br07_nonfinite.tif contains 1026 non-finite pixels"):
+    with pytest.raises(RejectedPair, match=r"br07_nonfinite.tif contains 1026 non-finite pixels"):
         load_sample(Pair(case / "br07_nonfinite.tif", gt), "cells", 3, {})
     clean = load_sample(Pair(case / "br07_clean.tif", gt), "cells", 3, {})
     assert np.isfinite(clean.image).all()

@@ -1,9 +1,9 @@
 """Random training patches with nnU-Net-style augmentation.
 
-Every patch is drawn from a random generator seeded by (seed, epoch, index),
-so a patch does not depend on the process, the data-loader worker or on how
-many epochs ran before a resume: a resumed or distributed run trains on the same
-patches as one uninterrupted run.
+Every patch is drawn from a random generator seeded by (seed, epoch, index).
+A patch therefore depends neither on the process nor on the data-loader
+worker, nor on how many epochs ran before a resume. So a resumed or
+distributed run trains on the same patches as one uninterrupted run.
 
 Augmentations and their probabilities, close to nnU-Net's 2D defaults:
 

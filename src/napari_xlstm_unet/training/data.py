@@ -42,8 +42,8 @@ logger = logging.getLogger(__name__)
 MASK_SUFFIXES = ("_labels", "_label", "_mask")
 
 
-class RefusedPair(ValueError):
-    """A pair that cannot train (for example non-finite pixels); the run goes on without it."""
+class RejectedPair(ValueError):
+    """Error for a pair that cannot train, for example because of non-finite pixels. The run goes on without it."""
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ def load_sample(pair: Pair, task: str, in_channels: int, normalization: dict,
     if np.issubdtype(image_file.data.dtype, np.floating):
         n_bad = int(image_file.data.size - np.isfinite(image_file.data).sum())
         if n_bad:
-            raise RefusedPair(
+            raise RejectedPair(
                 f"image {pair.image} contains {n_bad} non-finite pixels (NaN or infinity); a training image "
                 "must be finite, so this pair is left out. Replace those pixels to train on it."
             )

@@ -48,7 +48,7 @@ from ..model.checkpoint import (
 from ..pretrained import resolve_model_path
 from .augment import PatchDataset, group_weights
 from .config import TrainConfig, save_config
-from .data import RefusedPair, load_sample, resolve_splits
+from .data import RejectedPair, load_sample, resolve_splits
 from .evaluation import cell_scores, class_scores, predict_all, tune_postprocess, validation_score, write_report
 from .losses import deep_supervision_loss
 
@@ -389,7 +389,7 @@ def _load_all(load, pairs) -> list:
     for pair in pairs:
         try:
             samples.append(load(pair))
-        except RefusedPair as error:
+        except RejectedPair as error:
             logger.warning("%s", error)
     return samples
 
