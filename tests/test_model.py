@@ -192,13 +192,15 @@ def test_channel_tokens_tiny_network(tiny_config):
     assert model.vil["2"].block.dim == 4
     outputs = model(torch.randn(2, 3, 5, 7))  # pads to 8 x 8
     assert tuple(outputs[0].shape) == (2, 3, 5, 7)
+    assert tuple(model.eval()(torch.randn(1, 3, 2, 3)).shape) == (1, 3, 2, 3)  # far below the stride
+    model.train()
     sum(o.square().mean() for o in outputs).backward()
     assert all(p.grad is not None for p in model.parameters())
 
 
 def test_channel_tokens_reject_other_sizes(tiny_config):
     model = build_model(channel_token_config(tiny_config, (8, 8))).eval()
-    with pytest.raises(ValueError, match="pad to the planned size"):
+    with pytest.raises(ValueError, match="at most 8 pixels high and 8 wide .* got 12 x 8"):
         model(torch.randn(1, 3, 12, 8))
 
 

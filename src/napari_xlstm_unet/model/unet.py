@@ -22,7 +22,7 @@ class XLSTMUNet(nn.Module):
     possible, else replicate) to a multiple of the total stride, and at least
     two pixels at the bottleneck, and the logits are cropped back. The
     exception is channel-token mode (``config.vil_channel_tokens``): its
-    inputs must pad to ``config.patch_size``.
+    inputs may be no larger than ``config.patch_size`` and are padded to it.
 
     Parameters
     ----------
@@ -91,6 +91,9 @@ class XLSTMUNet(nn.Module):
         stride = self.config.total_stride
         target_h = max(math.ceil(height / stride) * stride, 2 * stride)
         target_w = max(math.ceil(width / stride) * stride, 2 * stride)
+        if self.config.channel_token_grids:
+            # Channel-token ViLs only take the planned size: smaller inputs grow to it.
+            target_h, target_w = max(target_h, self.config.patch_size[0]), max(target_w, self.config.patch_size[1])
         pad_h, pad_w = target_h - height, target_w - width
         if pad_h or pad_w:
             mode = "reflect" if pad_h < height and pad_w < width else "replicate"
@@ -105,18 +108,11 @@ class XLSTMUNet(nn.Module):
         patch_h, patch_w = self.config.patch_size
         if (padded_height, padded_width) == (patch_h, patch_w):
             return
-        stride = self.config.total_stride
-
-        def smallest_side(planned: int) -> int:
-            # Padding rounds up to a multiple of the stride, at least twice it.
-            return 1 if planned == 2 * stride else planned - stride + 1
-
         raise ValueError(
             f"this network uses channel-token ViL layers built for {patch_h} x {patch_w} inputs, "
-            f"so each input side must pad to the planned size: height {smallest_side(patch_h)} to "
-            f"{patch_h} and width {smallest_side(patch_w)} to {patch_w} pixels; got {height} x {width}. "
-            f"Predict in {patch_h} x {patch_w} windows (tile size), or build the network without "
-            f"vil_channel_tokens."
+            f"so an input may be at most {patch_h} pixels high and {patch_w} wide (smaller ones are "
+            f"padded); got {height} x {width}. Predict in windows of at most that size (tile size), "
+            f"or build the network without vil_channel_tokens."
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
