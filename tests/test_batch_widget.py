@@ -78,3 +78,14 @@ def test_batch_widget_cancel_keeps_finished_files(make_napari_viewer, qtbot, fol
     written = list((tmp_path / "out").glob("*_labels.tif"))
     assert 1 <= len(written) < 8
     assert len(widget.table.data.to_list()) == widget.progress.value
+
+
+def test_batch_widget_mirror_option(make_napari_viewer, folder, tmp_path):
+    from napari_xlstm_unet.widgets import BatchWidget
+
+    widget = BatchWidget(make_napari_viewer())
+    widget.input_dir.value = folder
+    widget.output_dir.value = tmp_path / "out"
+    assert widget.options().mirror is False
+    widget.mirror.value = True
+    assert widget.options().mirror is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 
 import numpy as np
@@ -121,3 +122,24 @@ def test_evaluate_names_file_on_shape_mismatch(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "pred" / "a_labels.tif", np.zeros((8, 9), np.uint16))
     assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 2
     assert "a_labels.tif" in capsys.readouterr().err
+
+
+def test_segment_mirror_recorded_and_applied(tmp_path):
+    from napari_xlstm_unet.inference.predict import segment_image
+    from napari_xlstm_unet.pretrained import load_model
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    crop = tifffile.imread(SAMPLE)[:128, :160]
+    tifffile.imwrite(inputs / "crop.tif", crop)
+    out = tmp_path / "out"
+
+    assert main(["segment", str(inputs), "--out", str(out), "--mirror"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["options"]["mirror"] is True
+    labels = tifffile.imread(out / "crop_labels.tif")
+    loaded = load_model("cells")
+    np.testing.assert_array_equal(labels, segment_image(crop, loaded, mirror=True).labels)
+    # One pass of the same network gives a different map on this crop.
+    plain = segment_image(crop, loaded).probabilities
+    assert not np.allclose(segment_image(crop, loaded, mirror=True).probabilities, plain, atol=1e-4)

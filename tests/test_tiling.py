@@ -167,3 +167,51 @@ def test_all_nan_image_gives_empty_labels(tiny_config):
     loaded = LoadedModel(model=build_model(tiny_config).eval(), config=tiny_config)
     result = segment_image(np.full((40, 50), np.nan, np.float32), loaded)
     assert result.labels.max() == 0
+
+
+class RampModel(torch.nn.Module):
+    """Ignores its input: class 1 logits rise along the columns, so mirroring changes the output."""
+
+    def forward(self, x):
+        ramp = torch.linspace(-2.0, 2.0, x.shape[-1]).expand(x.shape[0], 1, x.shape[-2], x.shape[-1])
+        return torch.cat([torch.zeros_like(ramp), ramp], dim=1)
+
+
+def test_mirroring_unflips_outputs_before_mean():
+    image = np.zeros((1, 6, 5), np.float32)
+    plain = predict_tiled(RampModel(), image, 2, tile_size=64)
+    mirrored = predict_tiled(RampModel(), image, 2, tile_size=64, mirror=True)
+    ramp = np.linspace(-2.0, 2.0, 5)
+    forward = 1 / (1 + np.exp(-ramp))
+    np.testing.assert_allclose(plain[1, 0], forward, rtol=1e-6)
+    # Two of the four passes are mirrored left-right: their ramp comes back reversed.
+    np.testing.assert_allclose(mirrored[1, 0], (forward + forward[::-1]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(mirrored.sum(axis=0), 1.0, rtol=1e-6)
+
+
+def test_mirroring_keeps_symmetric_model_output():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1, bias=False)
+    with torch.no_grad():  # a kernel symmetric under both flips gives a mirror-equivariant model
+        weight = conv.weight
+        conv.weight.copy_((weight + weight.flip(2) + weight.flip(3) + weight.flip(2, 3)) / 4)
+    image = np.random.default_rng(1).normal(size=(3, 40, 50)).astype(np.float32)
+    plain = predict_tiled(conv.eval(), image, 3, tile_size=32, overlap=0.25)
+    mirrored = predict_tiled(conv.eval(), image, 3, tile_size=32, overlap=0.25, mirror=True)
+    np.testing.assert_allclose(mirrored, plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(7, 7), (40, 50)])
+def test_channel_token_network_any_size(shape, tiny_config):
+    import dataclasses
+
+    config = dataclasses.replace(tiny_config, xlstm="enc", vil_channel_tokens=True, patch_size=(16, 16))
+    assert config.channel_token_grids  # the ViL really runs on channel tokens
+    loaded = LoadedModel(model=build_model(config).eval(), config=config)
+    image = np.random.default_rng(0).integers(0, 255, shape).astype(np.uint8)
+    steps = []
+    labels = segment_image(image, loaded, tile_size=512, progress=lambda *step: steps.append(step)).labels
+    assert labels.shape == image.shape[:2]
+    # Windows shrink to the 16-pixel patch, and progress counts those windows.
+    assert steps[-1][0] == steps[-1][1] == len(tile_starts(image.shape[0], 16, 0.125)) * len(
+        tile_starts(image.shape[1], 16, 0.125))

@@ -170,3 +170,19 @@ def test_rgb_frame_with_the_polyp_model_gives_classes(widget_and_viewer, qtbot):
     assert set(np.unique(labels.data)) == {0, 1}
     assert "foreground classes" in widget._status.value
     assert not widget._threshold.enabled  # cell thresholds do not apply to class maps
+
+
+def test_mirror_box_reaches_network(widget_and_viewer, qtbot):
+    from napari_xlstm_unet.inference.predict import segment_image
+    from napari_xlstm_unet.pretrained import load_model
+
+    widget, viewer = widget_and_viewer
+    image = tifffile.imread(CASES / "BR-21" / "br21_scaled_imagej.tif")[:96, :96]
+    widget._image.value = viewer.add_image(image, name="crop")
+    widget._mirror.value = True
+    widget.run()
+    qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=60_000)
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=10_000)
+    expected = segment_image(image, load_model("cells"), mirror=True)
+    np.testing.assert_array_equal(viewer.layers[-1].data, expected.labels)
+    np.testing.assert_allclose(widget._last[0], expected.probabilities, atol=1e-6)

@@ -75,6 +75,10 @@ class BatchOptions:
         ignored); adds metrics to each row.
     overwrite : bool
         Replace existing outputs instead of skipping them.
+    prob_threshold, min_size, tile_size, overlap, precision, device
+        As in :func:`~napari_xlstm_unet.inference.predict.segment_image`.
+    mirror : bool
+        Test-time mirroring, about 4 times slower.
     """
 
     out_dir: Path
@@ -90,6 +94,7 @@ class BatchOptions:
     overlap: float = 0.125
     precision: str = "float32"
     device: str | None = None
+    mirror: bool = False
 
 
 @dataclass
@@ -229,7 +234,7 @@ def iter_batch(
                 segmentation = segment_image(
                     image.data, loaded, options.prob_threshold, options.min_size, options.tile_size,
                     options.overlap, image.has_alpha, precision=options.precision, axes=image.axes,
-                    name=str(path),
+                    name=str(path), mirror=options.mirror,
                 )
                 labels = segmentation.labels
                 result.shape = "x".join(map(str, labels.shape))

@@ -74,6 +74,9 @@ def _build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
                          help="arithmetic of the convolutions; bfloat16 is faster on CPUs with "
                               "native bfloat16 (AVX512-BF16, AMX) and on recent GPUs")
+    segment.add_argument("--mirror", action="store_true",
+                         help="test-time mirroring: average over the 4 mirror images of each window "
+                              "(about 4 times slower)")
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
     segment.add_argument("--recursive", action="store_true", help="also segment images in subfolders")
     segment.add_argument("--pattern", default="*", help="only files whose name matches, for example '*.tif'")
@@ -132,7 +135,7 @@ def _segment(args: argparse.Namespace) -> int:
         out_dir=args.out, task=args.task, model=args.model, recursive=args.recursive, pattern=args.pattern,
         gt_dir=args.gt_dir, overwrite=args.overwrite, prob_threshold=args.prob_threshold,
         min_size=args.min_size, tile_size=args.tile_size, overlap=args.overlap, precision=args.precision,
-        device=args.device,
+        device=args.device, mirror=args.mirror,
     )
 
     def report(result, done: int, total: int) -> None:

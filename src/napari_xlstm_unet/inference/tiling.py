@@ -15,6 +15,7 @@ __all__ = [
     "drive",
     "gaussian_weights",
     "iter_predict_tiled",
+    "mirrored_softmax",
     "predict_tiled",
     "select_precision",
     "tile_starts",
@@ -141,6 +142,29 @@ def gaussian_weights(height: int, width: int, sigma_scale: float = 0.125) -> np.
     return np.maximum(weights, 1e-3).astype(np.float32)
 
 
+# Axis sets of the four mirror images of a (1, C, h, w) window: as is,
+# upside down, left-right, and both.
+MIRROR_AXES = ((), (2,), (3,), (2, 3))
+
+
+def mirrored_softmax(model: torch.nn.Module, tile: torch.Tensor, mirror: bool) -> torch.Tensor:
+    """Return softmax probabilities (1, K, h, w) for one window, averaged over mirror images.
+
+    With ``mirror``, the window and its three mirror images run as one batch
+    of 4, and each output is mirrored back before the mean. This is nnU-Net's
+    test-time mirroring, and it takes about 4 times as long as one pass.
+    """
+    if not mirror:
+        return torch.softmax(model(tile).float(), dim=1)
+    batch = torch.cat([tile.flip(axes) if axes else tile for axes in MIRROR_AXES])
+    probabilities = torch.softmax(model(batch).float(), dim=1)
+    restored = [
+        probabilities[i:i + 1].flip(axes) if axes else probabilities[i:i + 1]
+        for i, axes in enumerate(MIRROR_AXES)
+    ]
+    return torch.cat(restored).mean(dim=0, keepdim=True)
+
+
 def iter_predict_tiled(
     model: torch.nn.Module,
     image: np.ndarray,
@@ -149,6 +173,7 @@ def iter_predict_tiled(
     overlap: float = 0.125,
     device: torch.device | str = "cpu",
     precision: str = "float32",
+    mirror: bool = False,
 ) -> Generator[tuple[int, int], None, np.ndarray]:
     """Predict window by window, yielding ``(done, total)`` after each window.
 
@@ -183,8 +208,7 @@ def iter_predict_tiled(
             device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"
         ):
             tile = tile_to_device(image[:, y:y + tile_h, x:x + tile_w], device)
-            logits = model(tile)  # (1, K, tile_h, tile_w)
-            tile_prob = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+            tile_prob = mirrored_softmax(model, tile, mirror)[0].cpu().numpy()  # (K, tile_h, tile_w)
         probabilities[:, y:y + tile_h, x:x + tile_w] += tile_prob * weights
         weight_sum[y:y + tile_h, x:x + tile_w] += weights
         yield index + 1, len(windows)
@@ -225,6 +249,7 @@ def predict_tiled(
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     precision: str = "float32",
+    mirror: bool = False,
 ) -> np.ndarray:
     """Predict class probabilities for a whole image, window by window.
 
@@ -250,11 +275,15 @@ def predict_tiled(
         is raised and nothing is returned.
     precision : {"float32", "bfloat16"}
         Arithmetic of the convolutions; see ``PRECISIONS``.
+    mirror : bool
+        Average each window over its 4 mirror images (test-time mirroring,
+        about 4 times slower); see :func:`mirrored_softmax`.
 
     Returns
     -------
     numpy.ndarray, shape (num_classes, H, W), float32
         Softmax probabilities, blended where windows overlap.
     """
-    steps = iter_predict_tiled(model, image, num_classes, tile_size, overlap, device, precision)
+    steps = iter_predict_tiled(model, image, num_classes, tile_size, overlap, device, precision,
+                               mirror)
     return drive(steps, progress, should_stop)

@@ -55,6 +55,8 @@ class BatchWidget(Container):
         self.pattern = LineEdit(label="File pattern", value="*")
         self.gt_dir = FileEdit(label="Ground truth (optional)", mode="d", nullable=True, value=None)
         self.overwrite = CheckBox(label="Overwrite outputs", value=False)
+        self.mirror = CheckBox(label="Test-time mirroring", value=False,
+                               tooltip="Average over 4 mirror images of each window: about 4x slower")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="Files", min=0, max=1, value=0)
@@ -62,7 +64,7 @@ class BatchWidget(Container):
         self.table = Table(value=_table_value([]))
         self.open_button = PushButton(text="Open selected in viewer")
         self.extend([self.input_dir, self.output_dir, self.task, self.model, self.checkpoint, self.recursive,
-                     self.pattern, self.gt_dir, self.overwrite, self.run_button, self.cancel_button,
+                     self.pattern, self.gt_dir, self.overwrite, self.mirror, self.run_button, self.cancel_button,
                      self.progress, self.current, self.table, self.open_button])
         self.model.changed.connect(lambda value: setattr(self.checkpoint, "visible", value == FILE_CHOICE))
         self.run_button.changed.connect(self.run)
@@ -88,7 +90,7 @@ class BatchWidget(Container):
             out_dir=Path(self.output_dir.value), task=self.task.value, model=model,
             recursive=self.recursive.value, pattern=self.pattern.value or "*",
             gt_dir=Path(self.gt_dir.value) if self.gt_dir.value is not None else None,
-            overwrite=self.overwrite.value,
+            overwrite=self.overwrite.value, mirror=self.mirror.value,
         )
 
     def run(self) -> None:

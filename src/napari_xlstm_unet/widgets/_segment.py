@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -103,6 +104,8 @@ class SegmentWidget(Container):
         self._model = ComboBox(label="Model", choices=lambda _widget: model_choices(self._image.value),
                                value=SHIPPED_CHOICE)
         self._checkpoint = FileEdit(label="Checkpoint", mode="r", filter="*.pt", visible=False)
+        self._mirror = CheckBox(label="Test-time mirroring", value=False,
+                                tooltip="Average over 4 mirror images of each window: about 4x slower")
         self._run = PushButton(text="Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
@@ -113,7 +116,7 @@ class SegmentWidget(Container):
                                        enabled=False)
         self._min_size = SpinBox(label="Min size (px)", min=0, max=100_000, value=16, enabled=False)
         self._last = None  # (probabilities, labels layer) of the last cell run
-        self.extend([self._image, self._model, self._checkpoint, self._run, self._cancel,
+        self.extend([self._image, self._model, self._checkpoint, self._mirror, self._run, self._cancel,
                      self._progress, self._status, self._threshold, self._min_size])
         self._threshold.changed.connect(self._relabel)
         self._min_size.changed.connect(self._relabel)
@@ -166,7 +169,8 @@ class SegmentWidget(Container):
         image, has_alpha, axes = layer_image_data(layer)
         layer_kwargs = labels_layer_kwargs(layer)
 
-        worker = thread_worker(_segment_steps)(image, model_spec, has_alpha, axes, layer.name)
+        worker = thread_worker(_segment_steps)(image, model_spec, has_alpha, axes, layer.name,
+                                               self._mirror.value)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(lambda result: self._add_labels(result, layer_kwargs))
         worker.errored.connect(self._on_error)
@@ -238,7 +242,7 @@ class SegmentWidget(Container):
         self._status.value = text
 
 
-def _segment_steps(data, model_spec: str, has_alpha: bool, axes: str, name: str):
+def _segment_steps(data, model_spec: str, has_alpha: bool, axes: str, name: str, mirror: bool = False):
     """Worker body: read the pixels, load the model, yield (done, total), return labels and probabilities."""
     from ..inference.predict import iter_segment_image
     from ..pretrained import load_model
@@ -246,6 +250,6 @@ def _segment_steps(data, model_spec: str, has_alpha: bool, axes: str, name: str)
     image = np.asarray(data)  # reads lazy (dask, zarr) data here, off the GUI thread
     loaded = load_model(model_spec)
     result = yield from iter_segment_image(image, loaded, has_alpha=has_alpha, axes=axes,
-                                           name=f"layer {name!r}")
+                                           name=f"layer {name!r}", mirror=mirror)
     postprocess = dict(loaded.postprocess)
     return result.labels, loaded.task, result.probabilities, postprocess
