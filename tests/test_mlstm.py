@@ -95,6 +95,18 @@ def test_chunkwise_matches_recurrent(seq_len, chunk_size, gates):
 
 
 @pytest.mark.parametrize("gates", ["moderate", "extreme"])
+@pytest.mark.parametrize("chunks_per_group", [1, 2, 3])
+@pytest.mark.parametrize("seq_len", [16, 17, 65, 257])
+def test_chunk_groups_match_recurrent(seq_len, chunks_per_group, gates):
+    # At chunk size 16 these lengths give 1, 2, 5 and 17 chunks, so the last
+    # group is full for some and partly empty for others.
+    actual = mlstm_chunkwise(*sequence_inputs(seq_len, gates), chunk_size=16,
+                             chunks_per_group=chunks_per_group)
+    assert torch.isfinite(actual).all()
+    assert relative_error(actual, reference_output(seq_len, gates)) < TOLERANCE
+
+
+@pytest.mark.parametrize("gates", ["moderate", "extreme"])
 @pytest.mark.parametrize("seq_len", LENGTHS)
 def test_parallel_matches_recurrent(seq_len, gates):
     actual = mlstm_parallel(*sequence_inputs(seq_len, gates))
@@ -196,6 +208,18 @@ def test_chunkwise_gradients_match_parallel(seq_len, chunk_size, gates):
 
 
 @pytest.mark.parametrize("gates", ["moderate", "extreme"])
+def test_chunk_group_gradients_match_parallel(gates):
+    inputs = sequence_inputs(65, gates)
+    output_weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(2))
+    grouped = functools.partial(mlstm_chunkwise, chunk_size=16, chunks_per_group=2)
+    expected = gradients(mlstm_parallel, [t.double() for t in inputs], output_weights.double())
+    for name, grad, reference in zip("q k v input_gate forget_gate".split(),
+                                     gradients(grouped, inputs, output_weights), expected):
+        assert torch.isfinite(grad).all(), name
+        assert relative_error(grad, reference) < TOLERANCE, name
+
+
+@pytest.mark.parametrize("gates", ["moderate", "extreme"])
 def test_recurrent_gradients_match_parallel(gates):
     inputs = sequence_inputs(17, gates)
     output_weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(2))
@@ -266,6 +290,8 @@ def test_triton_kernel_rejects_cpu_tensors():
 def test_chunkwise_rejects_nonpositive_chunk_size():
     with pytest.raises(ValueError, match="chunk_size"):
         mlstm_chunkwise(*make_inputs(4, torch.float32), chunk_size=0)
+    with pytest.raises(ValueError, match="chunks_per_group must be a positive number of chunks, got 0"):
+        mlstm_chunkwise(*make_inputs(4, torch.float32), chunks_per_group=0)
 
 
 @pytest.mark.parametrize(
