@@ -293,7 +293,7 @@ def _chunkwise(q, k, v, input_gate, forget_gate, chunk_size, eps, chunks_per_gro
 
     # Split the token axis into chunks: (B, NH, NC, L, DH) and (B, NH, NC, L).
     q = q.reshape(batch, heads, num_chunks, chunk, head_dim)
-    k = k.reshape(batch, heads, num_chunks, chunk, head_dim) / math.sqrt(head_dim)
+    k = k.reshape(batch, heads, num_chunks, chunk, head_dim)
     v = v.reshape(batch, heads, num_chunks, chunk, head_dim)
     input_gate = input_gate.reshape(batch, heads, num_chunks, chunk)
     log_f = F.logsigmoid(forget_gate).reshape(batch, heads, num_chunks, chunk)
@@ -314,11 +314,14 @@ def _chunkwise(q, k, v, input_gate, forget_gate, chunk_size, eps, chunks_per_gro
 def _chunk_group(q, k, v, input_gate, log_f, state, eps):
     """Return h (B, NH, NC, L, DH) for a run of chunks that starts from ``state``.
 
-    ``state`` is the (C, n, m) left by the previous group, or None at the
-    start of the sequence. The state after the group's last chunk is
+    k is not yet scaled by 1/sqrt(DH). ``state`` is the (C, n, m) left by the
+    previous group, or None at the start of the sequence. The state after the group's last chunk is
     returned with h.
     """
     chunk = q.shape[3]
+    # Scaled here, group by group: one division of the whole sequence would
+    # allocate a full-size copy, and fresh large buffers cost page faults.
+    k = k / math.sqrt(k.shape[-1])
     # b_j: log forget gates summed from the start of the chunk up to token j.
     # Local sums stay small, unlike the global cumulative sum of the parallel form.
     log_f_cumsum = torch.cumsum(log_f, dim=-1)  # (B, NH, NC, L)
