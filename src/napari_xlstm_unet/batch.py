@@ -78,7 +78,7 @@ class BatchOptions:
     prob_threshold, min_size, tile_size, overlap, precision, device
         As in :func:`~napari_xlstm_unet.inference.predict.segment_image`.
     mirror : bool
-        Test-time mirroring, about 4 times slower.
+        Test-time mirroring: 4 network passes per window.
     """
 
     out_dir: Path

@@ -152,7 +152,7 @@ def mirrored_softmax(model: torch.nn.Module, tile: torch.Tensor, mirror: bool) -
 
     With ``mirror``, the window and its three mirror images run as one batch
     of 4, and each output is mirrored back before the mean. This is nnU-Net's
-    test-time mirroring, and it takes about 4 times as long as one pass.
+    test-time mirroring. It runs the network on 4 times the pixels.
     """
     if not mirror:
         return torch.softmax(model(tile).float(), dim=1)
@@ -277,7 +277,7 @@ def predict_tiled(
         Arithmetic of the convolutions; see ``PRECISIONS``.
     mirror : bool
         Average each window over its 4 mirror images (test-time mirroring,
-        about 4 times slower); see :func:`mirrored_softmax`.
+        4 network passes); see :func:`mirrored_softmax`.
 
     Returns
     -------

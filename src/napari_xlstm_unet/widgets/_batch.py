@@ -56,7 +56,7 @@ class BatchWidget(Container):
         self.gt_dir = FileEdit(label="Ground truth (optional)", mode="d", nullable=True, value=None)
         self.overwrite = CheckBox(label="Overwrite outputs", value=False)
         self.mirror = CheckBox(label="Test-time mirroring", value=False,
-                               tooltip="Average over 4 mirror images of each window: about 4x slower")
+                               tooltip="Average over 4 mirror images of each window: 4 to 7 times slower")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="Files", min=0, max=1, value=0)

@@ -105,7 +105,7 @@ class SegmentWidget(Container):
                                value=SHIPPED_CHOICE)
         self._checkpoint = FileEdit(label="Checkpoint", mode="r", filter="*.pt", visible=False)
         self._mirror = CheckBox(label="Test-time mirroring", value=False,
-                                tooltip="Average over 4 mirror images of each window: about 4x slower")
+                                tooltip="Average over 4 mirror images of each window: 4 to 7 times slower")
         self._run = PushButton(text="Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
