@@ -120,8 +120,42 @@ def test_evaluate_names_file_on_shape_mismatch(tmp_path, capsys):
     (tmp_path / "pred").mkdir()
     tifffile.imwrite(tmp_path / "gt" / "a.tif", np.zeros((8, 8), np.uint16))
     tifffile.imwrite(tmp_path / "pred" / "a_labels.tif", np.zeros((8, 9), np.uint16))
-    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 2
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 1
     assert "a_labels.tif" in capsys.readouterr().err
+
+
+def test_evaluate_scores_rest_after_bad_file(tmp_path, capsys):
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "pred").mkdir()
+    truth = np.zeros((20, 20), np.uint16)
+    truth[5:10, 5:10] = 1
+    for name in ("a", "b", "c"):
+        tifffile.imwrite(tmp_path / "gt" / f"{name}.tif", truth)
+    tifffile.imwrite(tmp_path / "pred" / "a_labels.tif", truth)
+    (tmp_path / "pred" / "b_labels.tif").write_text("not a TIFF")
+    # Fiji saves labels as 32-bit float: whole numbers are read as labels.
+    tifffile.imwrite(tmp_path / "pred" / "c_labels.tif", truth.astype(np.float32))
+    out_csv = tmp_path / "scores.csv"
+    code = main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--csv", str(out_csv)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "failed b:" in err
+    assert "1 of 3 image pairs failed" in err
+    with open(out_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["name"] for row in rows] == ["a", "c"]
+    assert [float(row["f1"]) for row in rows] == [1.0, 1.0]
+
+
+def test_evaluate_rejects_fractional_labels_and_file_args(tmp_path, capsys):
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "pred").mkdir()
+    tifffile.imwrite(tmp_path / "gt" / "a.tif", np.zeros((8, 8), np.uint16))
+    tifffile.imwrite(tmp_path / "pred" / "a_labels.tif", np.full((8, 8), 0.5, np.float32))
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 1
+    assert "non-integer or negative values" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt" / "a.tif")]) == 2
+    assert "is a file; evaluate compares two folders" in capsys.readouterr().err
 
 
 def test_segment_mirror_recorded_and_applied(tmp_path):

@@ -215,3 +215,16 @@ def test_channel_token_network_any_size(shape, tiny_config):
     # Windows shrink to the 16-pixel patch, and progress counts those windows.
     assert steps[-1][0] == steps[-1][1] == len(tile_starts(image.shape[0], 16, 0.125)) * len(
         tile_starts(image.shape[1], 16, 0.125))
+
+
+def test_small_tile_warns_with_training_patch(caplog):
+    from napari_xlstm_unet.pretrained import load_model
+
+    image = np.zeros((40, 40), np.uint8)  # constant, so the network does not run
+    with caplog.at_level("WARNING", logger="napari_xlstm_unet.inference.predict"):
+        segment_image(image, load_model("cells", device="cpu"), tile_size=64)
+    assert "tile size 64 is smaller than the 192-pixel patches" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="napari_xlstm_unet.inference.predict"):
+        segment_image(image, load_model("cells", device="cpu"), tile_size=192)
+    assert "smaller than" not in caplog.text

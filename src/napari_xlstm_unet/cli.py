@@ -156,6 +156,8 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _label_files(folder: Path) -> dict[str, Path]:
+    if folder.is_file():
+        raise ValueError(f"{folder} is a file; evaluate compares two folders of label images")
     if not folder.is_dir():
         raise FileNotFoundError(f"folder not found: {folder}")
     return {
@@ -170,7 +172,30 @@ def _read_labels(path: Path) -> np.ndarray:
     labels = np.squeeze(read_image(path).data)
     if labels.ndim != 2:
         raise ValueError(f"{path} has shape {labels.shape}; expected a 2D label image")
+    if labels.dtype.kind == "f":
+        # Fiji and other tools often save label images as 32-bit float.
+        if not (np.isfinite(labels).all() and (labels >= 0).all() and (labels == np.round(labels)).all()):
+            raise ValueError(f"{path} is a {labels.dtype} image with non-integer or negative values; "
+                             "expected a label image (0 background, 1..N objects). Save labels as integers")
+        labels = labels.astype(np.int64)
     return labels
+
+
+def _read_pair(name: str, predictions: dict, truths: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Return (ground truth, prediction) of ``name``, raising ValueError or OSError naming the file."""
+    true, pred = _read_labels(truths[name]), _read_labels(predictions[name])
+    if true.shape != pred.shape:
+        raise ValueError(f"{predictions[name]} has shape {pred.shape} but its ground truth "
+                         f"{truths[name]} has {true.shape}")
+    return true, pred
+
+
+def _finish(scored: int, failed: list[str]) -> int:
+    """Print the failed files and return the exit code: 1 when any file failed."""
+    if failed:
+        print(f"{len(failed)} of {scored + len(failed)} image pairs failed and are left out of the "
+              f"mean: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -192,24 +217,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.border_width:
         print(f"objects touching a {args.border_width}-pixel band along the image edge are "
               "excluded (--border-width 0 keeps them)")
-    rows, results = [], []
+    rows, results, failed = [], [], []
     print(f"{'name':40s} {'n_true':>6s} {'n_pred':>6s} {'tp':>5s} {'precision':>9s} {'recall':>7s} {'f1':>7s}")
     for name in names:
-        true, pred = _read_labels(truths[name]), _read_labels(predictions[name])
-        if true.shape != pred.shape:
-            raise ValueError(f"{predictions[name]} has shape {pred.shape} but its ground truth "
-                             f"{truths[name]} has {true.shape}")
+        try:
+            true, pred = _read_pair(name, predictions, truths)
+        except (OSError, ValueError) as error:
+            print(f"failed {name}: {error}", file=sys.stderr)
+            failed.append(name)
+            continue
         result = match_instances(true, pred, args.iou, args.border_width)
         results.append(result)
         rows.append({"name": name, **result.to_dict()})
         print(f"{name:40s} {result.n_true:6d} {result.n_pred:6d} {result.tp:5d} "
               f"{result.precision:9.4f} {result.recall:7.4f} {result.f1:7.4f}")
-    means = mean_scores(results)
-    print(f"{'mean':40s} {'':6s} {'':6s} {'':5s} {means['precision']:9.4f} "
-          f"{means['recall']:7.4f} {means['f1']:7.4f}  ({len(results)} images, IoU {args.iou})")
-
-    _write_csv(args.csv, rows)
-    return 0
+    if results:
+        means = mean_scores(results)
+        print(f"{'mean':40s} {'':6s} {'':6s} {'':5s} {means['precision']:9.4f} "
+              f"{means['recall']:7.4f} {means['f1']:7.4f}  ({len(results)} images, IoU {args.iou})")
+        _write_csv(args.csv, rows)
+    return _finish(len(results), failed)
 
 
 def _write_csv(path: Path | None, rows: list[dict]) -> None:
@@ -231,14 +258,15 @@ def _evaluate_classes(args: argparse.Namespace, names: list[str], predictions: d
     print(f"Dice and NSD (tolerance {args.tolerance:g} px) per image over the classes present in "
           "the ground truth or the prediction; an image empty in both scores 1.0")
     print(f"{'name':40s} {'classes':>7s} {'dice':>7s} {'nsd':>7s}")
-    rows, results = [], []
+    rows, results, failed = [], [], []
     for name in names:
-        pred = _read_labels(predictions[name])
-        raw = _read_labels(truths[name])
-        if raw.shape != pred.shape:
-            raise ValueError(f"{predictions[name]} has shape {pred.shape} but its ground truth "
-                             f"{truths[name]} has {raw.shape}")
-        true = ground_truth_classes(raw, truths[name], pred, args.ignore_value)
+        try:
+            raw, pred = _read_pair(name, predictions, truths)
+            true = ground_truth_classes(raw, truths[name], pred, args.ignore_value)
+        except (OSError, ValueError) as error:
+            print(f"failed {name}: {error}", file=sys.stderr)
+            failed.append(name)
+            continue
         result = semantic_scores(true, pred, tolerance=args.tolerance, ignore=true == IGNORE_INDEX)
         results.append(result)
         row = {"name": name, "dice": result.dice, "nsd": result.nsd, "n_classes": result.n_classes}
@@ -247,10 +275,11 @@ def _evaluate_classes(args: argparse.Namespace, names: list[str], predictions: d
             row[f"nsd_{class_id}"] = scores["nsd"]
         rows.append(row)
         print(f"{name:40s} {result.n_classes:7d} {result.dice:7.4f} {result.nsd:7.4f}")
-    means = mean_semantic_scores(results)
-    print(f"{'mean':40s} {'':7s} {means['dice']:7.4f} {means['nsd']:7.4f}  ({len(results)} images)")
-    _write_csv(args.csv, rows)
-    return 0
+    if results:
+        means = mean_semantic_scores(results)
+        print(f"{'mean':40s} {'':7s} {means['dice']:7.4f} {means['nsd']:7.4f}  ({len(results)} images)")
+        _write_csv(args.csv, rows)
+    return _finish(len(results), failed)
 
 
 def main(argv: list[str] | None = None) -> int:

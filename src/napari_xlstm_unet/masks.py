@@ -53,7 +53,8 @@ def semantic_classes(mask: np.ndarray, path: str | Path, n_classes: int, ignore_
     else:
         bad = values[~valid]
         hint = (
-            f"; if {int(bad[-1])} marks pixels to leave out, set data.ignore_value: {int(bad[-1])}"
+            f"; if {int(bad[-1])} marks pixels to leave out, set data.ignore_value: {int(bad[-1])} "
+            f"in training or pass --ignore-value {int(bad[-1])} to evaluate"
             if len(bad) == 1 else ""
         )
         raise ValueError(

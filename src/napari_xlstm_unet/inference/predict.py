@@ -98,6 +98,19 @@ def window_size(config, tile_size: int) -> int:
     return tile_size
 
 
+def warn_small_window(loaded: LoadedModel, tile_size: int) -> None:
+    """Log a warning when windows are smaller than the patches the model was trained on.
+
+    The network then gets less context around each pixel than in training,
+    and objects get split or invented at window seams.
+    """
+    train = (loaded.model_card or {}).get("config", {}).get("train", {})
+    patch = train.get("patch_size") if isinstance(train, dict) else None
+    if isinstance(patch, int) and tile_size < patch:
+        logger.warning("tile size %d is smaller than the %d-pixel patches this model was trained on; "
+                       "results may get worse. Use a tile size of at least %d", tile_size, patch, patch)
+
+
 def _offset_progress(
     steps: Generator[tuple[int, int], None, T], offset: int, total: int
 ) -> Generator[tuple[int, int], None, T]:
@@ -206,6 +219,7 @@ def iter_segment_image(
     plane_shape = planes.shape[:-3]
     flat = planes.reshape((-1,) + planes.shape[-3:])
     tile_size = window_size(loaded.config, tile_size)
+    warn_small_window(loaded, tile_size)
     params = dict(loaded.postprocess)
     if prob_threshold is not None:
         params["prob_threshold"] = prob_threshold
