@@ -76,7 +76,7 @@ def predict_probabilities(
     mirror: bool = False,
 ) -> np.ndarray:
     """Return class probabilities, shape (K, H, W), for one 2D image."""
-    tile_size = window_size(loaded.config, tile_size)
+    tile_size = window_side(loaded, tile_size)
     prepared = prepare_image(image, loaded.config.in_channels, loaded.normalization, has_alpha)
     device = next(loaded.model.parameters()).device
     steps = iter_predict_tiled(
@@ -85,30 +85,25 @@ def predict_probabilities(
     return drive(steps, progress, should_stop)
 
 
-def window_size(config, tile_size: int) -> int:
-    """Return the sliding-window side for ``config``: ``tile_size``, capped for channel-token networks.
+def window_side(loaded: LoadedModel, tile_size: int) -> int:
+    """Return the sliding-window side to use for ``loaded``, given the requested ``tile_size``.
 
     Channel-token ViL layers accept inputs up to ``config.patch_size`` only,
-    so larger windows shrink to its shorter side.
+    so larger windows shrink to its shorter side. Windows smaller than the
+    training patches (from the model card) log a warning, because the network
+    then gets less context than in training and splits or invents objects.
     """
+    config = loaded.config
     if config.channel_token_grids and tile_size > min(config.patch_size):
         logger.info("tile size %d is larger than the %s patch this network was built for; using %d",
                     tile_size, "x".join(map(str, config.patch_size)), min(config.patch_size))
-        return min(config.patch_size)
-    return tile_size
-
-
-def warn_small_window(loaded: LoadedModel, tile_size: int) -> None:
-    """Log a warning when windows are smaller than the patches the model was trained on.
-
-    The network then gets less context around each pixel than in training,
-    and objects get split or invented at window seams.
-    """
-    train = (loaded.model_card or {}).get("config", {}).get("train", {})
-    patch = train.get("patch_size") if isinstance(train, dict) else None
+        tile_size = min(config.patch_size)
+    train = loaded.model_card.get("config", {}).get("train", {}) if loaded.model_card else {}
+    patch = train.get("patch_size")
     if isinstance(patch, int) and tile_size < patch:
         logger.warning("tile size %d is smaller than the %d-pixel patches this model was trained on; "
                        "results may get worse. Use a tile size of at least %d", tile_size, patch, patch)
+    return tile_size
 
 
 def _offset_progress(
@@ -218,8 +213,7 @@ def iter_segment_image(
     planes, plane_axes = standardize_axes(image, axes, channels_last)
     plane_shape = planes.shape[:-3]
     flat = planes.reshape((-1,) + planes.shape[-3:])
-    tile_size = window_size(loaded.config, tile_size)
-    warn_small_window(loaded, tile_size)
+    tile_size = window_side(loaded, tile_size)
     params = dict(loaded.postprocess)
     if prob_threshold is not None:
         params["prob_threshold"] = prob_threshold

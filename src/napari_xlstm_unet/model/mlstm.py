@@ -315,8 +315,8 @@ def _chunk_group(q, k, v, input_gate, log_f, state, eps):
     """Return h (B, NH, NC, L, DH) for a run of chunks that starts from ``state``.
 
     k is not yet scaled by 1/sqrt(DH). ``state`` is the (C, n, m) left by the
-    previous group, or None at the start of the sequence. The state after the group's last chunk is
-    returned with h.
+    previous group, or None at the start of the sequence. The state after
+    the group's last chunk is returned with h.
     """
     chunk = q.shape[3]
     # Scaled here, group by group: one division of the whole sequence would

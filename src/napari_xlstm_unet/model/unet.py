@@ -93,7 +93,8 @@ class XLSTMUNet(nn.Module):
         target_w = max(math.ceil(width / stride) * stride, 2 * stride)
         if self.config.channel_token_grids:
             # Channel-token ViLs only take the planned size: smaller inputs grow to it.
-            target_h, target_w = max(target_h, self.config.patch_size[0]), max(target_w, self.config.patch_size[1])
+            patch_h, patch_w = self.config.patch_size
+            target_h, target_w = max(target_h, patch_h), max(target_w, patch_w)
         pad_h, pad_w = target_h - height, target_w - width
         if pad_h or pad_w:
             mode = "reflect" if pad_h < height and pad_w < width else "replicate"

@@ -23,6 +23,8 @@ from magicgui.widgets import (
     Table,
 )
 
+from ._segment import mirror_checkbox
+
 if TYPE_CHECKING:
     import napari
 
@@ -55,8 +57,7 @@ class BatchWidget(Container):
         self.pattern = LineEdit(label="File pattern", value="*")
         self.gt_dir = FileEdit(label="Ground truth (optional)", mode="d", nullable=True, value=None)
         self.overwrite = CheckBox(label="Overwrite outputs", value=False)
-        self.mirror = CheckBox(label="Test-time mirroring", value=False,
-                               tooltip="Average over 4 mirror images of each window: 4 to 7 times slower")
+        self.mirror = mirror_checkbox()
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="Files", min=0, max=1, value=0)

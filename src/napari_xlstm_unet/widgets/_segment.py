@@ -104,8 +104,7 @@ class SegmentWidget(Container):
         self._model = ComboBox(label="Model", choices=lambda _widget: model_choices(self._image.value),
                                value=SHIPPED_CHOICE)
         self._checkpoint = FileEdit(label="Checkpoint", mode="r", filter="*.pt", visible=False)
-        self._mirror = CheckBox(label="Test-time mirroring", value=False,
-                                tooltip="Average over 4 mirror images of each window: 4 to 7 times slower")
+        self._mirror = mirror_checkbox()
         self._run = PushButton(text="Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
@@ -240,6 +239,12 @@ class SegmentWidget(Container):
 
     def _set_status(self, text: str) -> None:
         self._status.value = text
+
+
+def mirror_checkbox() -> CheckBox:
+    """Return the *Test-time mirroring* box of the Segment and Batch widgets, unticked."""
+    return CheckBox(label="Test-time mirroring", value=False,
+                    tooltip="Average over 4 mirror images of each window: 4 to 7 times slower")
 
 
 def _segment_steps(data, model_spec: str, has_alpha: bool, axes: str, name: str, mirror: bool = False):
