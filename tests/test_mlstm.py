@@ -213,7 +213,7 @@ def test_chunk_group_gradients_match_parallel(gates):
     output_weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(2))
     grouped = functools.partial(mlstm_chunkwise, chunk_size=16, chunks_per_group=2)
     expected = gradients(mlstm_parallel, [t.double() for t in inputs], output_weights.double())
-    for name, grad, reference in zip("q k v input_gate forget_gate".split(),
+    for name, grad, reference in zip(["q", "k", "v", "input_gate", "forget_gate"],
                                      gradients(grouped, inputs, output_weights), expected):
         assert torch.isfinite(grad).all(), name
         assert relative_error(grad, reference) < TOLERANCE, name

@@ -354,7 +354,7 @@ def _chunk_states(k, v, input_gate, log_f_cumsum, state=None):
     divided by exp(m), then the tuple (C, n, m) after the last chunk. The
     first chunk gets ``state``, or C = 0, n = 0 and m = -inf when it is None.
     """
-    batch, heads, num_chunks, _, head_dim = k.shape
+    batch, heads, _, _, head_dim = k.shape
 
     # Each chunk's own contribution to the state at its last token, stabilised
     # by its own maximum: token j enters with log weight b_L - b_j + i_j.
