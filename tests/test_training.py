@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import CASES, REPO
 
-from napari_xlstm_unet.training.augment import PatchDataset, group_weights
+from napari_xlstm_unet.training.augment import PatchDataset, group_weights, intensity_augment
 from napari_xlstm_unet.training.config import load_config
 from napari_xlstm_unet.training.data import (
     IGNORE_INDEX,
@@ -260,6 +260,25 @@ def test_augmented_classes_stay_classes_and_foreground_is_oversampled():
     background_only = PatchDataset([_disk_sample(200)], patch_size=24, epoch_length=64, seed=0,
                                    foreground_fraction=0.0)
     assert sum(bool((background_only[i][1] > 0).any()) for i in range(64)) < 32
+
+
+def test_colour_jitter_is_an_affine_change_per_channel_and_off_by_default():
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 8, 8)
+    image = np.concatenate([ramp, ramp, ramp])
+    for seed in range(20):
+        # Off: the same draws and the same patch as before the option existed.
+        plain = intensity_augment(np.random.default_rng(seed), image)
+        np.testing.assert_array_equal(intensity_augment(np.random.default_rng(seed), image, 0.0), plain)
+        jittered = intensity_augment(np.random.default_rng(seed), image, 1.0)
+        for c in range(3):
+            gain, offset = np.polyfit(plain[c].ravel(), jittered[c].ravel(), 1)
+            assert 0.8 <= gain <= 1.2
+            assert -0.1 <= offset <= 0.1
+            np.testing.assert_allclose(jittered[c], gain * plain[c] + offset, atol=1e-5)
+        assert not np.allclose(jittered[0], jittered[1])
+    grey = ramp.copy()
+    np.testing.assert_array_equal(intensity_augment(np.random.default_rng(0), grey, 1.0),
+                                  intensity_augment(np.random.default_rng(0), grey))
 
 
 def test_group_weights_favour_small_groups():

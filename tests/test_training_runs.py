@@ -248,3 +248,33 @@ def test_sgd_uses_nesterov_momentum(tmp_path):
     assert group["momentum"] == 0.99
     assert group["weight_decay"] == 3e-5
     assert all("momentum_buffer" in state for state in optimizer["state"].values())
+
+
+def test_moving_average_is_validated_saved_and_resumed(tmp_path):
+    common = ["--set", f"data.train_dir={BR18}", "--epochs", "2", *QUICK, "--set", "train.batch_size=2",
+              "--set", "data.val_fraction=0", "--set", "train.ema_decay=0.5"]
+    assert train.main(["--out", str(tmp_path / "whole"), *common]) == 0
+    assert train.main(["--out", str(tmp_path / "parts"), *common, "--set", "train.stop_after_epoch=1"]) == 0
+    assert train.main(["--out", str(tmp_path / "parts"), "--resume", "--set", "train.stop_after_epoch=0"]) == 0
+    whole, parts = _state(tmp_path / "whole" / "last.pt"), _state(tmp_path / "parts" / "last.pt")
+    averaged = whole["training_state"]["ema"]
+    assert int(averaged["n_averaged"]) == 4  # one update per optimiser step
+    for key, value in averaged.items():
+        torch.testing.assert_close(parts["training_state"]["ema"][key], value, rtol=0, atol=0)
+    # Without validation images the final model holds the averaged weights, not the last step's.
+    final = load_checkpoint(tmp_path / "whole" / "model.pt").model.state_dict()
+    raw = whole["state_dict"]
+    differs = False
+    for key, value in final.items():
+        torch.testing.assert_close(value, averaged[f"module.{key}"], rtol=0, atol=0)
+        differs |= not torch.equal(value, raw[key])
+    assert differs
+
+
+def test_resume_without_saved_average_names_the_fix(tmp_path, caplog):
+    common = ["--set", f"data.train_dir={BR18}", "--epochs", "2", *QUICK, "--set", "train.batch_size=2"]
+    assert train.main(["--out", str(tmp_path / "run"), *common, "--set", "train.stop_after_epoch=1"]) == 0
+    with caplog.at_level(logging.ERROR):
+        code = train.main(["--out", str(tmp_path / "run"), "--resume", "--set", "train.ema_decay=0.9"])
+    assert code == 2
+    assert "train.ema_decay=0" in caplog.text

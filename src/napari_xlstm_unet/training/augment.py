@@ -18,6 +18,7 @@ Augmentations and their probabilities, close to nnU-Net's 2D defaults:
 | contrast | 0.15 | 0.75 to 1.25, range kept |
 | low-resolution simulation | 0.25 (each channel 0.5) | zoom 0.5 to 1 |
 | gamma | 0.3 (inverted first with 0.1) | 0.7 to 1.5 |
+| colour (off by default) | ``colour_jitter`` | gain 0.8 to 1.2 and offset -0.1 to 0.1 per channel |
 
 A share ``foreground_fraction`` of the patches is centred on a random
 foreground pixel (nnU-Net's foreground oversampling).
@@ -64,10 +65,13 @@ class PatchDataset(Dataset):
         Share of patches centred on a foreground pixel.
     weights : numpy.ndarray, optional
         Probability of drawing each sample; uniform when omitted.
+    colour_jitter : float
+        Probability of the per-channel colour change of :func:`intensity_augment`.
     """
 
     def __init__(self, samples: list[Sample], patch_size: int, epoch_length: int, seed: int,
-                 foreground_fraction: float = 0.33, weights: np.ndarray | None = None) -> None:
+                 foreground_fraction: float = 0.33, weights: np.ndarray | None = None,
+                 colour_jitter: float = 0.0) -> None:
         self.samples = samples
         self.patch_size = patch_size
         self.epoch_length = epoch_length
@@ -75,6 +79,7 @@ class PatchDataset(Dataset):
         self.epoch = 0
         self.foreground_fraction = foreground_fraction
         self.weights = weights
+        self.colour_jitter = colour_jitter
         self.foreground = [
             np.flatnonzero((s.classes > 0) & (s.classes != IGNORE_INDEX)) for s in samples
         ]
@@ -90,7 +95,7 @@ class PatchDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         which = int(rng.choice(len(self.samples), p=self.weights))
         image, classes = self._spatial(rng, which)
-        image = intensity_augment(rng, image)
+        image = intensity_augment(rng, image, self.colour_jitter)
         return torch.from_numpy(image), torch.from_numpy(classes.astype(np.int64))
 
     def _centre(self, rng: np.random.Generator, which: int) -> tuple[float, float]:
@@ -145,8 +150,12 @@ def _mirror_index(index: np.ndarray, length: int) -> np.ndarray:
     return np.where(index >= length, period - index, index)
 
 
-def intensity_augment(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """Apply the intensity augmentations of the module table to a (C, H, W) patch."""
+def intensity_augment(rng: np.random.Generator, image: np.ndarray, colour_jitter: float = 0.0) -> np.ndarray:
+    """Apply the intensity augmentations of the module table to a (C, H, W) patch.
+
+    ``colour_jitter`` is the probability of the colour step; it draws from
+    ``rng`` only when above 0, so patches without it match earlier runs.
+    """
     image = image.astype(np.float32, copy=True)
     if rng.random() < 0.1:
         variance = rng.uniform(0.0, 0.1)
@@ -175,6 +184,12 @@ def intensity_augment(rng: np.random.Generator, image: np.ndarray) -> np.ndarray
             span = max(float(high - low), 1e-6)
             channel = ((channel - low) / span) ** gamma * span + low
             image[c] = -channel if invert else channel
+    if colour_jitter > 0 and image.shape[0] > 1 and rng.random() < colour_jitter:
+        # Stains and filter sets differ in colour balance, not in shape: each
+        # channel of the (percentile-normalised, about 0 to 1) patch gets its own gain and offset.
+        gain = rng.uniform(0.8, 1.2, image.shape[0]).astype(np.float32)
+        offset = rng.uniform(-0.1, 0.1, image.shape[0]).astype(np.float32)
+        image = image * gain[:, None, None] + offset[:, None, None]
     return image
 
 

@@ -5,7 +5,8 @@ Files in the run folder (``--out``):
 - ``config.yaml``: the resolved configuration;
 - ``last.pt``: weights plus optimiser, scheduler, random-number and epoch
   state, rewritten atomically after every epoch; ``--resume`` continues from it;
-- ``best.pt``: the weights of the best validation epoch;
+- ``best.pt``: the weights of the best validation epoch (the moving average
+  of the weights when ``train.ema_decay`` is set);
 - ``model.pt``: the final checkpoint (best weights, tuned post-processing,
   model card), ready for napari and ``xlstm-unet segment``;
 - ``log.csv`` (loss, learning rate, validation score per epoch),
@@ -251,7 +252,8 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
     weights = group_weights(groups) if config.data.group_sampling == "sqrt" and len(set(groups)) > 1 else None
     steps_per_epoch = config.train.iters_per_epoch
     dataset = PatchDataset(train_samples, config.train.patch_size, steps_per_epoch * batch_size * world,
-                           config.train.seed, config.train.foreground_fraction, weights)
+                           config.train.seed, config.train.foreground_fraction, weights,
+                           config.train.colour_jitter)
     sampler = DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=config.train.num_workers,
                         drop_last=True)
@@ -265,10 +267,16 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     state = {"epoch": 0, "step": 0, "best_score": -math.inf, "history": [], "seconds": 0.0, "command": command}
+    ema = _moving_average(model, config.train.ema_decay)
     if resume:
         payload = torch.load(last_path, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["state_dict"])
         training = payload["training_state"]
+        if ema is not None:
+            if "ema" not in training:
+                raise TrainingError(f"{last_path} was written without train.ema_decay; resume it with "
+                                    "--set train.ema_decay=0 or start a new run")
+            ema.load_state_dict(training["ema"])
         optimizer.load_state_dict(training["optimizer"])
         scheduler.load_state_dict(training["scheduler"])
         scaler.load_state_dict(training["scaler"])
@@ -328,12 +336,15 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
                     torch.nn.utils.clip_grad_norm_(trainable, config.train.grad_clip)
                     scaler.step(optimizer)
                     scaler.update()
+                    if ema is not None:
+                        ema.update_parameters(model)
                     losses.append(loss.item())
                 scheduler.step()
                 state["step"] += 1
                 yield {"kind": "step", "step": state["step"], "total_steps": total_steps,
                        "loss": losses[-1] if losses else float("nan")}
 
+            scored = model if ema is None else ema.module
             if not _all_finite(model):
                 raise TrainingError(
                     f"weights became non-finite in epoch {epoch + 1}; nothing was saved for this epoch. "
@@ -342,12 +353,13 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
             val_score = float("nan")
             last_epoch = epoch + 1 == config.train.epochs
             if is_main and val_samples and ((epoch + 1) % config.val.every == 0 or last_epoch):
-                probabilities = predict_all(model, val_samples, model_config.num_classes, device, config.val.tile_size)
+                probabilities = predict_all(scored, val_samples, model_config.num_classes, device,
+                                            config.val.tile_size)
                 val_score = validation_score(task, probabilities, val_samples, postprocess,
                                              config.val.nsd_tolerance, class_names)
                 if val_score > state["best_score"]:
                     state["best_score"] = val_score
-                    _save(out / "best.pt", model, model_config, task, class_names, normalization, postprocess, {},
+                    _save(out / "best.pt", scored, model_config, task, class_names, normalization, postprocess, {},
                           input_scale=config.data.scale)
             state["epoch"] = epoch + 1
             state["seconds"] = time.time() - start
@@ -364,6 +376,8 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), **state,
                 }
+                if ema is not None:
+                    training_state["ema"] = ema.state_dict()
                 _save(last_path, model, model_config, task, class_names, normalization, postprocess, {},
                       extra={"training_state": training_state}, input_scale=config.data.scale)
             if world > 1:
@@ -380,8 +394,23 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
         return None
     if val_samples and (out / "best.pt").is_file():
         model.load_state_dict(load_checkpoint(out / "best.pt").model.state_dict())
+    elif ema is not None:
+        model.load_state_dict(ema.module.state_dict())
     return _finish(config, out, model, model_config, device, task, class_names, normalization,
                    len(train_samples), val_samples, test_pairs, state, init_source, command, start_postprocess)
+
+
+def _moving_average(model: torch.nn.Module, decay: float):
+    """Return an exponential moving average of ``model``'s weights, or None when ``decay`` is 0.
+
+    The networks hold no running statistics (InstanceNorm, LayerNorm,
+    GroupNorm), so averaging the parameters averages the whole model.
+    """
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _load_all(load, pairs) -> list:
