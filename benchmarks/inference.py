@@ -11,10 +11,12 @@ Sections, all measured in one run so that ratios compare like with like:
    reaches: network FLOPs (``torch.utils.flop_counter``) / time / measured
    GEMM FLOP/s.
 2. Peak resident memory and time of the shipped cell model through the tiled
-   predictor on 512, 2048 and 4096 pixel square images, each in a fresh
-   process whose peak is reset just before the call (Linux only). Time is
-   also given per sliding window, since overlapping windows make the work
-   grow in steps with the image size.
+   predictor on square images of 512 to 4096 pixels, each in a fresh
+   process whose peak is reset just before the call (Linux only). Each size
+   runs twice, side by side: with windows fitted to the image (the default)
+   and with fixed 512-pixel windows. Time is also given per computed
+   megapixel (the sum of the window areas), since overlapping windows make
+   the work grow in steps with the image size.
 3. A peer: cellpose's U-Net (``cellpose.resnet_torch.CPnet``, built without
    weights) on the same 512 x 512 input, when the ``cellpose`` package is
    installed (``pip install 'cellpose<4'``); otherwise the row is marked as
@@ -37,7 +39,7 @@ import time
 import numpy as np
 import torch
 
-from napari_xlstm_unet.inference.tiling import count_windows, predict_tiled
+from napari_xlstm_unet.inference.tiling import count_windows, fitted_side, predict_tiled
 from napari_xlstm_unet.model import build_model, preset
 
 PLACEMENTS = ("none", "bot", "enc", "full")
@@ -98,7 +100,7 @@ def speed_rows(args, gemm: float) -> list[dict]:
     return rows
 
 
-def _memory_child(side: int, threads: int) -> None:
+def _memory_child(side: int, threads: int, windows: str) -> None:
     torch.set_num_threads(threads)
     from napari_xlstm_unet.pretrained import load_model
 
@@ -110,11 +112,16 @@ def _memory_child(side: int, threads: int) -> None:
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
     before_mb = _status_mb("VmRSS")
+    fit = windows == "fitted"
+    multiple = loaded.config.total_stride
     start = time.perf_counter()
-    predict_tiled(loaded.model, image, 3, tile_size=512, device="cpu")
+    predict_tiled(loaded.model, image, 3, tile_size=512, device="cpu", fit_windows=fit, multiple=multiple)
     seconds = time.perf_counter() - start
+    window_side = fitted_side(side, 512, 0.125, multiple) if fit else min(side, 512)
+    count = count_windows(side, side, 512, 0.125)
     print(json.dumps({"seconds": seconds, "peak_rss_mb": _status_mb("VmHWM"), "rss_before_mb": before_mb,
-                      "windows": count_windows(side, side, 512, 0.125)}))
+                      "windows": count, "window_side": window_side,
+                      "computed_megapixels": count * window_side**2 / 1e6}))
 
 
 def _status_mb(field: str) -> float:
@@ -128,13 +135,16 @@ def _status_mb(field: str) -> float:
 def memory_rows(args) -> list[dict]:
     rows = []
     for side in args.memory_sides:
-        output = subprocess.run([sys.executable, __file__, "--memory-child", str(side), "--threads", str(args.threads)],
-                                check=True, capture_output=True, text=True).stdout
-        result = json.loads(output.strip().splitlines()[-1])
-        rows.append({"section": "memory", "side": side, "megapixels": side * side / 1e6, **result,
-                     "s_per_megapixel": result["seconds"] / (side * side / 1e6),
-                     "s_per_window": result["seconds"] / result["windows"]})
-        print(f"  memory {side}: {result['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+        for windows in ("fitted", "fixed"):
+            command = [sys.executable, __file__, "--memory-child", str(side), "--threads", str(args.threads),
+                       "--windows", windows]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            result = json.loads(output.strip().splitlines()[-1])
+            rows.append({"section": "memory", "side": side, "windows_mode": windows, "megapixels": side * side / 1e6,
+                         **result, "s_per_megapixel": result["seconds"] / (side * side / 1e6),
+                         "s_per_computed_megapixel": result["seconds"] / result["computed_megapixels"]})
+            print(f"  memory {side} {windows}: {result['seconds']:.2f} s, {result['peak_rss_mb']:.0f} MB",
+                  file=sys.stderr, flush=True)
     return rows
 
 
@@ -184,16 +194,17 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--side", type=int, default=512, help="image side for the speed and peer sections")
     parser.add_argument("--presets", nargs="+", default=["small", "reference"])
-    parser.add_argument("--memory-sides", nargs="+", type=int, default=[512, 2048, 4096])
+    parser.add_argument("--memory-sides", nargs="+", type=int, default=[512, 600, 1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-repeats", type=int, default=2)
     parser.add_argument("--sections", nargs="+", default=["speed", "memory", "peer", "training"])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--windows", choices=["fitted", "fixed"], default="fitted", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        _memory_child(args.memory_child, args.threads)
+        _memory_child(args.memory_child, args.threads, args.windows)
         return 0
 
     gemm = gemm_flops_per_second()

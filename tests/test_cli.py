@@ -177,3 +177,48 @@ def test_segment_mirror_recorded_and_applied(tmp_path):
     # One pass of the same network gives a different map on this crop.
     plain = segment_image(crop, loaded).probabilities
     assert not np.allclose(segment_image(crop, loaded, mirror=True).probabilities, plain, atol=1e-4)
+
+
+def test_all_inputs_missing_exits_like_an_empty_pattern(tmp_path, capsys):
+    assert main(["segment", str(tmp_path / "nope.tif"), "--out", str(tmp_path / "out")]) == 2
+    assert "no image files found" in capsys.readouterr().err
+    (tmp_path / "in").mkdir()
+    shutil.copy(SAMPLE, tmp_path / "in" / "a.tif")
+    assert main(["segment", str(tmp_path / "in"), "--pattern", "*.png", "--out", str(tmp_path / "out")]) == 2
+
+
+def test_help_shows_defaults_but_not_for_required_out(capsys):
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out OUT output folder --model" in text
+    assert "sliding-window side in pixels (default: 512)" in text
+
+
+class _ClosedPipe:
+    """Stands for stdout after the reader of a pipe (``| head``) has exited."""
+
+    def __init__(self, path):
+        self._file = open(path, "w")  # noqa: SIM115 - closed by the test
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return self._file.fileno()
+
+
+def test_closed_pipe_ends_quietly(tmp_path, monkeypatch, capsys):
+    for folder in ("pred", "gt"):
+        (tmp_path / folder).mkdir()
+        tifffile.imwrite(tmp_path / folder / "a.tif", np.ones((8, 8), np.uint16))
+    pipe = _ClosedPipe(tmp_path / "stdout.txt")
+    monkeypatch.setattr("sys.stdout", pipe)
+    try:
+        assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 1
+    finally:
+        pipe._file.close()
+    assert "Traceback" not in capsys.readouterr().err

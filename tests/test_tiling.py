@@ -11,7 +11,14 @@ import torch
 
 from conftest import CASES
 from napari_xlstm_unet.inference.predict import segment_image
-from napari_xlstm_unet.inference.tiling import Cancelled, gaussian_weights, predict_tiled, tile_starts
+from napari_xlstm_unet.inference.tiling import (
+    Cancelled,
+    count_windows,
+    fitted_side,
+    gaussian_weights,
+    predict_tiled,
+    tile_starts,
+)
 from napari_xlstm_unet.metrics import match_instances
 from napari_xlstm_unet.model import build_model
 from napari_xlstm_unet.model.checkpoint import LoadedModel
@@ -34,6 +41,54 @@ class ThresholdModel(torch.nn.Module):
     def forward(self, x):
         bright = 20.0 * (x[:, :1] - 0.5)
         return torch.cat([-bright, bright, torch.full_like(bright, -30.0)], dim=1)
+
+
+def test_fitted_side_exact_values():
+    assert fitted_side(600, 512, 0.125, 16) == 320  # 2 windows of 320 instead of 2 of 512
+    assert fitted_side(2048, 512, 0.125, 16) == 464
+    assert fitted_side(4096, 512, 0.125, 16) == 512  # 9 windows of 512 already fit
+    assert fitted_side(300, 512, 0.125, 16) == 300  # one window: the image itself
+    assert fitted_side(513, 512, 0.0, 1) == 257
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.125, 0.5])
+@pytest.mark.parametrize("multiple", [1, 16, 128])
+def test_fitted_windows_keep_count_cover_and_overlap(overlap, multiple):
+    for length in range(130, 3000, 37):
+        side = fitted_side(length, 512, overlap, multiple)
+        starts = tile_starts(length, side, overlap)
+        assert len(starts) == len(tile_starts(length, 512, overlap)), length
+        assert side <= 512
+        assert side % multiple == 0 or side in (length, 512)
+        assert starts[0] == 0 and starts[-1] + side == length
+        gaps = np.diff(starts)
+        assert (gaps <= side - overlap * side + 1e-9).all(), length  # neighbours share the overlap
+
+
+class ShapeRecorder(torch.nn.Module):
+    """Pointwise model that remembers the window shapes it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape[2:]))
+        return torch.log(x)
+
+
+def test_fitted_windows_compute_less_and_give_the_same_pointwise_result():
+    rng = np.random.default_rng(0)
+    image = rng.random((3, 600, 700)).astype(np.float32) + 0.01
+    image /= image.sum(axis=0, keepdims=True)
+    fitted, fixed = ShapeRecorder(), ShapeRecorder()
+    out_fitted = predict_tiled(fitted, image, 3, tile_size=512, multiple=16)
+    out_fixed = predict_tiled(fixed, image, 3, tile_size=512, fit_windows=False)
+    np.testing.assert_allclose(out_fitted, image, rtol=1e-5)
+    np.testing.assert_allclose(out_fixed, image, rtol=1e-5)
+    assert set(fixed.shapes) == {(512, 512)}
+    assert set(fitted.shapes) == {(320, 384)}  # ceil(700 / 1.875) = 374, rounded up to 16
+    assert len(fitted.shapes) == len(fixed.shapes) == count_windows(600, 700, 512, 0.125) == 4
 
 
 def test_tile_starts_cover_and_end_at_edge():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _DefaultsFormatter
 
     segment = commands.add_parser(
         "segment", parents=[common], formatter_class=formatter,
@@ -103,6 +104,15 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults in the help, except for required options, which have none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _check_device(device: str | None) -> None:
     # Only a requested GPU is checked, so --device cpu makes no CUDA call.
     if device is None or not device.startswith(("cuda", "mps")):
@@ -129,8 +139,9 @@ def _segment(args: argparse.Namespace) -> int:
     for path in missing:
         print(f"failed {path}: file or folder not found", file=sys.stderr)
     if not existing:
+        # The same code as a --pattern that matches nothing: no work was possible.
         print("no image files found in the inputs", file=sys.stderr)
-        return 1
+        return 2
     options = BatchOptions(
         out_dir=args.out, task=args.task, model=args.model, recursive=args.recursive, pattern=args.pattern,
         gt_dir=args.gt_dir, overwrite=args.overwrite, prob_threshold=args.prob_threshold,
@@ -294,6 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader (for example `| head`) closed the pipe; the files are
+        # written. Point stdout at /dev/null so that the interpreter's final
+        # flush does not raise a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

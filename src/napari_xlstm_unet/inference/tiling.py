@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Generator
 from typing import TypeVar
 
@@ -13,6 +14,7 @@ __all__ = [
     "Cancelled",
     "count_windows",
     "drive",
+    "fitted_side",
     "gaussian_weights",
     "iter_predict_tiled",
     "mirrored_softmax",
@@ -50,6 +52,44 @@ def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     starts = list(range(0, length - tile, step))
     starts.append(length - tile)
     return starts
+
+
+def fitted_side(length: int, tile: int, overlap: float, multiple: int = 1) -> int:
+    """Return the smallest window side that covers ``length`` with as many windows as ``tile`` does.
+
+    With fixed windows an image a little larger than ``tile`` pays for two
+    nearly full windows: a 600-pixel side needs two 512-pixel windows, 1,024
+    pixels of work for 600. Shrinking the windows to 320 pixels keeps the
+    count and the overlap fraction and does 640. The fitted side is never
+    below ``tile / (2 - overlap)``: fewer windows of ``tile`` would cover the
+    side otherwise.
+
+    Parameters
+    ----------
+    length : int
+        Image side in pixels.
+    tile : int
+        Largest window side in pixels.
+    overlap : float
+        Fraction of a window shared with its neighbour.
+    multiple : int
+        The side is rounded up to a multiple of this (the network's total
+        stride, to which it pads its input), unless that exceeds ``tile``.
+
+    Returns
+    -------
+    int
+        ``length`` when it fits in one window, else a side in ``(tile / 2, tile]``.
+    """
+    if length <= tile:
+        return length
+    count = len(tile_starts(length, tile, overlap))
+    side = math.ceil(length / (count - (count - 1) * overlap))
+    side = -(-side // multiple) * multiple
+    # tile_starts truncates the step to whole pixels, which can cost a window.
+    while side < tile and len(tile_starts(length, side, overlap)) > count:
+        side += multiple
+    return min(side, tile)
 
 
 def count_windows(height: int, width: int, tile: int, overlap: float) -> int:
@@ -174,6 +214,8 @@ def iter_predict_tiled(
     device: torch.device | str = "cpu",
     precision: str = "float32",
     mirror: bool = False,
+    fit_windows: bool = True,
+    multiple: int = 1,
 ) -> Generator[tuple[int, int], None, np.ndarray]:
     """Predict window by window, yielding ``(done, total)`` after each window.
 
@@ -188,11 +230,14 @@ def iter_predict_tiled(
     device = torch.device(device)
     precision = select_precision(device, precision)
     _, height, width = image.shape
-    tile_h, tile_w = min(tile_size, height), min(tile_size, width)
+    if fit_windows:
+        tile_h, tile_w = (fitted_side(side, tile_size, overlap, multiple) for side in (height, width))
+    else:
+        tile_h, tile_w = min(tile_size, height), min(tile_size, width)
     windows = [
         (y, x)
-        for y in tile_starts(height, tile_size, overlap)
-        for x in tile_starts(width, tile_size, overlap)
+        for y in tile_starts(height, tile_h, overlap)
+        for x in tile_starts(width, tile_w, overlap)
     ]
     if len(windows) > 1:
         weights = gaussian_weights(tile_h, tile_w)
@@ -250,6 +295,8 @@ def predict_tiled(
     should_stop: Callable[[], bool] | None = None,
     precision: str = "float32",
     mirror: bool = False,
+    fit_windows: bool = True,
+    multiple: int = 1,
 ) -> np.ndarray:
     """Predict class probabilities for a whole image, window by window.
 
@@ -278,6 +325,13 @@ def predict_tiled(
     mirror : bool
         Average each window over its 4 mirror images (test-time mirroring,
         4 network passes); see :func:`mirrored_softmax`.
+    fit_windows : bool
+        Shrink the windows along each side to the smallest size that keeps
+        the number of windows (:func:`fitted_side`); False runs windows of
+        ``tile_size`` as before.
+    multiple : int
+        Round fitted window sides up to a multiple of this, the network's
+        total stride.
 
     Returns
     -------
@@ -285,5 +339,5 @@ def predict_tiled(
         Softmax probabilities, blended where windows overlap.
     """
     steps = iter_predict_tiled(model, image, num_classes, tile_size, overlap, device, precision,
-                               mirror)
+                               mirror, fit_windows, multiple)
     return drive(steps, progress, should_stop)
