@@ -222,3 +222,21 @@ def test_closed_pipe_ends_quietly(tmp_path, monkeypatch, capsys):
     finally:
         pipe._file.close()
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_evaluate_warns_when_predictions_look_like_images(tmp_path, capsys):
+    for folder in ("pred", "gt"):
+        (tmp_path / folder).mkdir()
+    truth = np.zeros((40, 40), np.uint16)
+    truth[10:20, 10:20] = 1
+    tifffile.imwrite(tmp_path / "gt" / "a.tif", truth)
+    raw = np.random.default_rng(0).integers(1, 255, (40, 40)).astype(np.uint8)  # grey values, no zeros
+    tifffile.imwrite(tmp_path / "pred" / "a.tif", raw)
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 0
+    err = capsys.readouterr().err
+    assert "100.0% of the pixels" in err
+    assert "looks like an image" in err
+    tifffile.imwrite(tmp_path / "pred" / "a.tif", truth)  # real labels: no warning
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 0
+    assert "looks like an image" not in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path)]) == 2  # no names in common

@@ -192,6 +192,16 @@ def _read_labels(path: Path) -> np.ndarray:
     return labels
 
 
+def _warn_if_not_labels(path: Path, labels: np.ndarray) -> None:
+    # A folder of raw images passed as predictions reads as labels whose
+    # grey values are object ids, and scores F1 near 0 with no other sign.
+    foreground = np.count_nonzero(labels) / max(labels.size, 1)
+    if labels.size >= 1024 and foreground > 0.99:
+        print(f"warning: {foreground:.1%} of the pixels of {path} are non-zero; it looks like an image "
+              "rather than instance labels (0 = background). Give evaluate the folder of label images "
+              "that `xlstm-unet segment` wrote", file=sys.stderr)
+
+
 def _read_pair(name: str, predictions: dict, truths: dict) -> tuple[np.ndarray, np.ndarray]:
     """Return (ground truth, prediction) of ``name``, raising ValueError or OSError naming the file."""
     true, pred = _read_labels(truths[name]), _read_labels(predictions[name])
@@ -221,7 +231,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                   f"e.g. {sorted(unmatched)[0]}", file=sys.stderr)
     if not names:
         print(f"no matching names between {args.pred_dir} and {args.gt_dir}", file=sys.stderr)
-        return 1
+        return 2
 
     if args.task == "endoscopy":
         return _evaluate_classes(args, names, predictions, truths)
@@ -237,6 +247,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             print(f"failed {name}: {error}", file=sys.stderr)
             failed.append(name)
             continue
+        _warn_if_not_labels(predictions[name], pred)
         result = match_instances(true, pred, args.iou, args.border_width)
         results.append(result)
         rows.append({"name": name, **result.to_dict()})
