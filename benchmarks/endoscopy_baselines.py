@@ -30,10 +30,9 @@ from scipy import ndimage as ndi
 from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 
-from napari_xlstm_unet.training.data import read_split_csv
-
 from napari_xlstm_unet.io import read_image
 from napari_xlstm_unet.metrics.semantic import dice
+from napari_xlstm_unet.training.data import read_split_csv
 
 FRACTIONS = np.round(np.arange(0.10, 0.46, 0.025), 3)
 

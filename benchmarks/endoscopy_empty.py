@@ -24,11 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_xlstm_unet.training.data import read_split_csv
-
 from napari_xlstm_unet.inference.predict import segment_image
 from napari_xlstm_unet.io import read_image
 from napari_xlstm_unet.pretrained import load_model
+from napari_xlstm_unet.training.data import read_split_csv
 
 
 def free_crops(mask: np.ndarray, size: int, step: int = 16, limit: int = 2) -> list[tuple[int, int]]:

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from test_tiling import ThresholdModel, stub_model
 
 from conftest import CASES, REPO
 from napari_xlstm_unet.cli import main
@@ -45,7 +46,6 @@ from napari_xlstm_unet.io import (
 )
 from napari_xlstm_unet.metrics import match_instances
 from napari_xlstm_unet.pretrained import load_model
-from test_tiling import ThresholdModel, stub_model
 
 # Case folder -> tests in other modules that assert its expected values.
 TESTED_ELSEWHERE = {
@@ -462,9 +462,9 @@ def max_lateness(ticks: list[float], start: float, until: float) -> float:
 
 @pytest.mark.napari
 def test_br22_large_image_keeps_viewer_responsive(make_napari_viewer, qtbot, monkeypatch):
+    from napari.layers import Labels
     from qtpy.QtCore import QTimer
 
-    from napari.layers import Labels
     from napari_xlstm_unet.widgets import SegmentWidget
 
     expected = case_json("BR-22")

@@ -12,7 +12,6 @@ import yaml
 from PIL import Image
 
 from conftest import CASES, REPO
-
 from napari_xlstm_unet.training.augment import PatchDataset, group_weights, intensity_augment
 from napari_xlstm_unet.training.config import load_config
 from napari_xlstm_unet.training.data import (

@@ -19,12 +19,12 @@ from conftest import CASES, REPO
 
 sys.path.insert(0, str(REPO / "training"))
 
-from napari_xlstm_unet.training import engine  # noqa: E402
 import train  # noqa: E402
-from napari_xlstm_unet.training.engine import weights_digest  # noqa: E402
 
 from napari_xlstm_unet.model import ModelConfig, build_model  # noqa: E402
 from napari_xlstm_unet.model.checkpoint import LoadedModel, load_checkpoint, save_checkpoint, transfer_weights  # noqa: E402
+from napari_xlstm_unet.training import engine  # noqa: E402
+from napari_xlstm_unet.training.engine import weights_digest  # noqa: E402
 
 BR18 = CASES / "BR-18" / "br18_train"
 QUICK = ["--set", "train.iters_per_epoch=2", "--set", "train.patch_size=64", "--set", "train.threads=2",

@@ -252,7 +252,8 @@ def iter_batch(
                 write = None
             except (ValueError, OSError, TypeError, RuntimeError) as error:
                 # RuntimeError covers torch failures, torch.OutOfMemoryError among them.
-                result.status, result.reason = "failed", str(error).splitlines()[0] if str(error) else type(error).__name__
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                result.status, result.reason = "failed", reason
                 write = None
             if write is None:
                 result.output = ""  # nothing was written

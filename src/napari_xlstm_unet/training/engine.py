@@ -363,8 +363,9 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
                           input_scale=config.data.scale)
             state["epoch"] = epoch + 1
             state["seconds"] = time.time() - start
-            row = {"epoch": epoch + 1, "step": state["step"], "loss": float(np.mean(losses)) if losses else float("nan"),
-                   "lr": scheduler.get_last_lr()[0], "val_score": val_score, "skipped_steps": skipped,
+            mean_loss = float(np.mean(losses)) if losses else float("nan")
+            row = {"epoch": epoch + 1, "step": state["step"], "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                   "val_score": val_score, "skipped_steps": skipped,
                    "seconds": round(state["seconds"], 1)}
             state["history"].append(row)
             logs.epoch(row)
