@@ -179,7 +179,7 @@ def test_segment_mirror_recorded_and_applied(tmp_path):
     assert not np.allclose(segment_image(crop, loaded, mirror=True).probabilities, plain, atol=1e-4)
 
 
-def test_all_inputs_missing_exits_like_an_empty_pattern(tmp_path, capsys):
+def test_missing_inputs_exit_with_2(tmp_path, capsys):
     assert main(["segment", str(tmp_path / "nope.tif"), "--out", str(tmp_path / "out")]) == 2
     assert "no image files found" in capsys.readouterr().err
     (tmp_path / "in").mkdir()
@@ -187,7 +187,7 @@ def test_all_inputs_missing_exits_like_an_empty_pattern(tmp_path, capsys):
     assert main(["segment", str(tmp_path / "in"), "--pattern", "*.png", "--out", str(tmp_path / "out")]) == 2
 
 
-def test_help_shows_defaults_but_not_for_required_out(capsys):
+def test_help_omits_required_default(capsys):
     with pytest.raises(SystemExit):
         main(["segment", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -224,7 +224,7 @@ def test_closed_pipe_ends_quietly(tmp_path, monkeypatch, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_evaluate_warns_when_predictions_look_like_images(tmp_path, capsys):
+def test_evaluate_warns_on_raw_images(tmp_path, capsys):
     for folder in ("pred", "gt"):
         (tmp_path / folder).mkdir()
     truth = np.zeros((40, 40), np.uint16)

@@ -53,14 +53,15 @@ def test_fitted_side_exact_values():
 
 @pytest.mark.parametrize("overlap", [0.0, 0.125, 0.5])
 @pytest.mark.parametrize("multiple", [1, 16, 128])
-def test_fitted_windows_keep_count_cover_and_overlap(overlap, multiple):
+def test_fitted_windows_cover_the_image(overlap, multiple):
     for length in range(130, 3000, 37):
         side = fitted_side(length, 512, overlap, multiple)
         starts = tile_starts(length, side, overlap)
         assert len(starts) == len(tile_starts(length, 512, overlap)), length
         assert side <= 512
         assert side % multiple == 0 or side in (length, 512)
-        assert starts[0] == 0 and starts[-1] + side == length
+        assert starts[0] == 0
+        assert starts[-1] + side == length
         gaps = np.diff(starts)
         assert (gaps <= side - overlap * side + 1e-9).all(), length  # neighbours share the overlap
 
@@ -77,7 +78,7 @@ class ShapeRecorder(torch.nn.Module):
         return torch.log(x)
 
 
-def test_fitted_windows_compute_less_and_give_the_same_pointwise_result():
+def test_fitted_windows_same_pointwise_result():
     rng = np.random.default_rng(0)
     image = rng.random((3, 600, 700)).astype(np.float32) + 0.01
     image /= image.sum(axis=0, keepdims=True)

@@ -261,7 +261,7 @@ def test_augmented_classes_stay_classes_and_foreground_is_oversampled():
     assert sum(bool((background_only[i][1] > 0).any()) for i in range(64)) < 32
 
 
-def test_colour_jitter_is_an_affine_change_per_channel_and_off_by_default():
+def test_colour_jitter_affine_per_channel():
     ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 8, 8)
     image = np.concatenate([ramp, ramp, ramp])
     for seed in range(20):

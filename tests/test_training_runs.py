@@ -250,7 +250,7 @@ def test_sgd_uses_nesterov_momentum(tmp_path):
     assert all("momentum_buffer" in state for state in optimizer["state"].values())
 
 
-def test_moving_average_is_validated_saved_and_resumed(tmp_path):
+def test_moving_average_saved_and_resumed(tmp_path):
     common = ["--set", f"data.train_dir={BR18}", "--epochs", "2", *QUICK, "--set", "train.batch_size=2",
               "--set", "data.val_fraction=0", "--set", "train.ema_decay=0.5"]
     assert train.main(["--out", str(tmp_path / "whole"), *common]) == 0
@@ -271,7 +271,7 @@ def test_moving_average_is_validated_saved_and_resumed(tmp_path):
     assert differs
 
 
-def test_resume_without_saved_average_names_the_fix(tmp_path, caplog):
+def test_resume_without_average_fails(tmp_path, caplog):
     common = ["--set", f"data.train_dir={BR18}", "--epochs", "2", *QUICK, "--set", "train.batch_size=2"]
     assert train.main(["--out", str(tmp_path / "run"), *common, "--set", "train.stop_after_epoch=1"]) == 0
     with caplog.at_level(logging.ERROR):
