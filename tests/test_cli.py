@@ -181,7 +181,7 @@ def test_segment_mirror_recorded_and_applied(tmp_path):
 
 def test_missing_inputs_exit_with_2(tmp_path, capsys):
     assert main(["segment", str(tmp_path / "nope.tif"), "--out", str(tmp_path / "out")]) == 2
-    assert "no image files found" in capsys.readouterr().err
+    assert "none of the inputs exist" in capsys.readouterr().err
     (tmp_path / "in").mkdir()
     shutil.copy(SAMPLE, tmp_path / "in" / "a.tif")
     assert main(["segment", str(tmp_path / "in"), "--pattern", "*.png", "--out", str(tmp_path / "out")]) == 2
@@ -211,16 +211,20 @@ class _ClosedPipe:
         return self._file.fileno()
 
 
-def test_closed_pipe_ends_quietly(tmp_path, monkeypatch, capsys):
+def test_closed_pipe_finishes_the_run(tmp_path, monkeypatch, capsys):
     for folder in ("pred", "gt"):
         (tmp_path / folder).mkdir()
-        tifffile.imwrite(tmp_path / folder / "a.tif", np.ones((8, 8), np.uint16))
+        for name in ("a", "b", "c"):
+            tifffile.imwrite(tmp_path / folder / f"{name}.tif", np.ones((8, 8), np.uint16))
     pipe = _ClosedPipe(tmp_path / "stdout.txt")
     monkeypatch.setattr("sys.stdout", pipe)
     try:
-        assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 1
+        code = main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--csv", str(tmp_path / "s.csv")])
     finally:
         pipe._file.close()
+    assert code == 0
+    with open(tmp_path / "s.csv", newline="") as handle:
+        assert [row["name"] for row in csv.DictReader(handle)] == ["a", "b", "c"]
     assert "Traceback" not in capsys.readouterr().err
 
 

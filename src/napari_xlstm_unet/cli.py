@@ -140,7 +140,8 @@ def _segment(args: argparse.Namespace) -> int:
         print(f"failed {path}: file or folder not found", file=sys.stderr)
     if not existing:
         # The same code as a --pattern that matches nothing: no work was possible.
-        print("no image files found in the inputs", file=sys.stderr)
+        print(f"error: none of the inputs exist ({', '.join(map(str, missing))}); check the paths",
+              file=sys.stderr)
         return 2
     options = BatchOptions(
         out_dir=args.out, task=args.task, model=args.model, recursive=args.recursive, pattern=args.pattern,
@@ -304,11 +305,44 @@ def _evaluate_classes(args: argparse.Namespace, names: list[str], predictions: d
     return _finish(len(results), failed)
 
 
+class _PipeSafeStdout:
+    """Wrap stdout so that a closed pipe (``| head``) silences the output instead of stopping the run.
+
+    After the first ``BrokenPipeError`` the stream's file descriptor points at
+    /dev/null, so later writes, and the interpreter's final flush, succeed.
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._silence()
+
+    def _silence(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    stdout, sys.stdout = sys.stdout, _PipeSafeStdout(sys.stdout)
     try:
         if args.command == "segment":
             return _segment(args)
@@ -316,13 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        # The reader (for example `| head`) closed the pipe; the files are
-        # written. Point stdout at /dev/null so that the interpreter's final
-        # flush does not raise a second time.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":
