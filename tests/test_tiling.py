@@ -92,6 +92,16 @@ def test_fitted_windows_same_pointwise_result():
     assert len(fitted.shapes) == len(fixed.shapes) == count_windows(600, 700, 512, 0.125) == 4
 
 
+def test_window_multiple_defaults_to_model_stride():
+    import types
+
+    image = np.full((3, 600, 700), 1 / 3, np.float32)
+    model = ShapeRecorder()
+    model.config = types.SimpleNamespace(total_stride=128)
+    predict_tiled(model, image, 3, tile_size=512)
+    assert set(model.shapes) == {(384, 384)}  # 320 and 374 rounded up to 128
+
+
 def test_tile_starts_cover_and_end_at_edge():
     assert tile_starts(100, 128, 0.25) == [0]
     assert tile_starts(128, 128, 0.25) == [0]

@@ -261,7 +261,7 @@ def test_moving_average_saved_and_resumed(tmp_path):
     assert int(averaged["n_averaged"]) == 4  # one update per optimiser step
     for key, value in averaged.items():
         torch.testing.assert_close(parts["training_state"]["ema"][key], value, rtol=0, atol=0)
-    # Without validation images the final model holds the averaged weights, not the last step's.
+    # Without validation images the final model contains the averaged weights, not the last step's.
     final = load_checkpoint(tmp_path / "whole" / "model.pt").model.state_dict()
     raw = whole["state_dict"]
     differs = False

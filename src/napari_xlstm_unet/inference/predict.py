@@ -80,8 +80,7 @@ def predict_probabilities(
     prepared = prepare_image(image, loaded.config.in_channels, loaded.normalization, has_alpha)
     device = next(loaded.model.parameters()).device
     steps = iter_predict_tiled(
-        loaded.model, prepared, loaded.config.num_classes, tile_size, overlap, device, mirror=mirror,
-        multiple=loaded.config.total_stride,
+        loaded.model, prepared, loaded.config.num_classes, tile_size, overlap, device, mirror=mirror
     )
     return drive(steps, progress, should_stop)
 
@@ -150,7 +149,7 @@ def _iter_segment_plane(
         prepared = zoom_channels(prepared, loaded.input_scale)
     probabilities = yield from iter_predict_tiled(
         loaded.model, prepared, loaded.config.num_classes, tile_size, overlap, device, precision,
-        mirror, multiple=loaded.config.total_stride,
+        mirror,
     )
     if probabilities.shape[1:] != full_size:
         probabilities = resize_channels(probabilities, full_size)

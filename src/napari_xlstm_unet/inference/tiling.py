@@ -215,7 +215,7 @@ def iter_predict_tiled(
     precision: str = "float32",
     mirror: bool = False,
     fit_windows: bool = True,
-    multiple: int = 1,
+    multiple: int | None = None,
 ) -> Generator[tuple[int, int], None, np.ndarray]:
     """Predict window by window, yielding ``(done, total)`` after each window.
 
@@ -230,6 +230,9 @@ def iter_predict_tiled(
     device = torch.device(device)
     precision = select_precision(device, precision)
     _, height, width = image.shape
+    if multiple is None:
+        config = getattr(model, "config", None)
+        multiple = getattr(config, "total_stride", 1)
     if fit_windows:
         tile_h, tile_w = (fitted_side(side, tile_size, overlap, multiple) for side in (height, width))
     else:
@@ -296,7 +299,7 @@ def predict_tiled(
     precision: str = "float32",
     mirror: bool = False,
     fit_windows: bool = True,
-    multiple: int = 1,
+    multiple: int | None = None,
 ) -> np.ndarray:
     """Predict class probabilities for a whole image, window by window.
 
@@ -327,11 +330,12 @@ def predict_tiled(
         4 network passes); see :func:`mirrored_softmax`.
     fit_windows : bool
         Shrink the windows along each side to the smallest size that keeps
-        the number of windows (:func:`fitted_side`); False runs windows of
-        ``tile_size`` as before.
-    multiple : int
-        Round fitted window sides up to a multiple of this, the network's
-        total stride.
+        the number of windows (:func:`fitted_side`). False runs every window
+        at ``tile_size``, capped at the image side.
+    multiple : int, optional
+        Round fitted window sides up to a multiple of this. None takes the
+        network's total stride (``model.config.total_stride``), or 1 for a
+        model without a config.
 
     Returns
     -------

@@ -404,8 +404,8 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
 def _moving_average(model: torch.nn.Module, decay: float):
     """Return an exponential moving average of ``model``'s weights, or None when ``decay`` is 0.
 
-    The networks hold no running statistics (InstanceNorm, LayerNorm,
-    GroupNorm), so averaging the parameters averages the whole model.
+    Buffers are averaged with the parameters. The networks keep no running
+    statistics (InstanceNorm, LayerNorm, GroupNorm), so the average is a complete model.
     """
     if not decay:
         return None

@@ -25,12 +25,9 @@ def predict_all(model: torch.nn.Module, samples: list[Sample], num_classes: int,
                 tile_size: int) -> list[np.ndarray]:
     """Return the (K, H, W) class probabilities of every sample; the model is left in training mode."""
     model.eval()
-    config = getattr(model, "config", None)
-    multiple = config.total_stride if config is not None else 1
     with torch.inference_mode():
         probabilities = [
-            predict_tiled(model, s.image, num_classes, tile_size=tile_size, device=device, multiple=multiple)
-            for s in samples
+            predict_tiled(model, s.image, num_classes, tile_size=tile_size, device=device) for s in samples
         ]
     model.train()
     return probabilities
