@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import CASES, DATA
+from conftest import CASES, DATA, REPO
 from napari_xlstm_unet.cli import main
 from napari_xlstm_unet.io import read_image
 
@@ -99,7 +99,8 @@ def test_missing_input_reported_and_run_continues(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "option, value",
-    [("--prob-threshold", "2"), ("--min-size", "-5"), ("--tile-size", "7"), ("--overlap", "1.5")],
+    [("--prob-threshold", "2"), ("--min-size", "-5"), ("--tile-size", "7"), ("--overlap", "1.5"),
+     ("--split-depth", "-1")],
 )
 def test_invalid_settings_rejected_up_front(tmp_path, option, value, capsys):
     with pytest.raises(SystemExit) as info:
@@ -244,3 +245,17 @@ def test_evaluate_warns_on_raw_images(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 0
     assert "looks like an image" not in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path)]) == 2  # no names in common
+
+
+def test_split_depth_flag_reaches_the_post_processing(tmp_path):
+    from napari_xlstm_unet.inference.predict import segment_image
+    from napari_xlstm_unet.pretrained import load_model
+
+    dense = REPO / "src" / "napari_xlstm_unet" / "sample_data" / "nuclei_dsb2018.tif"  # 273 nuclei, many touching
+    image = read_image(dense)
+    whole = segment_image(image.data, load_model("cells"), split_depth=0.0, axes=image.axes).labels
+    default = segment_image(image.data, load_model("cells"), axes=image.axes).labels
+    assert load_model("cells").postprocess["split_depth"] > 0
+    assert default.max() > whole.max()  # the shipped model's splitting finds more nuclei here
+    assert main(["segment", str(dense), "--out", str(tmp_path), "--split-depth", "0"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / f"{dense.stem}_labels.tif"), whole)

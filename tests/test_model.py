@@ -302,7 +302,10 @@ def test_checkpoint_round_trip(tmp_path, tiny_config):
     with torch.no_grad():
         assert torch.equal(model(x), restored.model(x))
     assert restored.config == tiny_config
-    assert restored.postprocess == {"prob_threshold": 0.4, "min_size": 8}
+    # Written without a split depth, as before seed splitting existed: read as 0 (seeds kept whole).
+    assert restored.postprocess == {"prob_threshold": 0.4, "min_size": 8, "split_depth": 0.0}
+    loaded.postprocess["split_depth"] = 2.5
+    assert load_checkpoint(save_checkpoint(tmp_path / "model.pt", loaded)).postprocess["split_depth"] == 2.5
     assert restored.model_card == {"data": "synthetic"}
     assert not restored.model.training
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_xlstm_unet.inference.postprocess import labels_dtype, probabilities_to_labels
+from napari_xlstm_unet.inference.postprocess import labels_dtype, probabilities_to_labels, remove_small, split_seeds
 
 
 def three_class(interior: np.ndarray, boundary: np.ndarray) -> np.ndarray:
@@ -84,3 +84,61 @@ def test_labels_dtype_boundaries():
 def test_wrong_class_count_raises():
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         probabilities_to_labels(np.zeros((2, 4, 4)))
+
+
+def _disks(shape, centres, radius):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return np.any([(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2 for cy, cx in centres], axis=0)
+
+
+def test_split_depth_separates_two_overlapping_nuclei():
+    # Disks of radius 12, centres 20 px apart: the neck is 13 px wide. After
+    # the 2-px smoothing the distance map dips by between 3 and 4 px there.
+    seed = _disks((48, 72), [(24, 24), (24, 44)], 12)
+    probabilities = three_class(seed * 0.9, np.zeros(seed.shape))
+    whole = probabilities_to_labels(probabilities, 0.5, min_size=0)
+    split = probabilities_to_labels(probabilities, 0.5, min_size=0, split_depth=2.0)
+    too_deep = probabilities_to_labels(probabilities, 0.5, min_size=0, split_depth=4.0)
+    assert whole.max() == 1 and too_deep.max() == 1
+    assert split.max() == 2
+    assert split[24, 24] != split[24, 44]
+    assert ((split > 0) == seed).all()  # splitting moves no pixel in or out
+    # The cut lies at the neck, half-way between the centres.
+    assert split[24, 32] == split[24, 24] and split[24, 36] == split[24, 44]
+
+
+@pytest.mark.parametrize("radii", [(10, 10), (12, 5)])
+def test_split_depth_keeps_round_and_elongated_nuclei_whole(radii):
+    yy, xx = np.mgrid[:40, :40]
+    seed = ((yy - 20) / radii[0]) ** 2 + ((xx - 20) / radii[1]) ** 2 <= 1
+    labels = probabilities_to_labels(three_class(seed * 0.9, np.zeros(seed.shape)), 0.5, 0, split_depth=2.0)
+    assert labels.max() == 1
+    assert ((labels > 0) == seed).all()
+
+
+def test_split_seeds_keeps_regions_the_half_resolution_grid_misses():
+    mask = np.zeros((12, 40), bool)
+    mask[5, 3:31] = True  # one pixel wide, on an odd row: absent from mask[::2, ::2]
+    mask[2:10, 34:38] = True
+    seeds = split_seeds(mask, 2.0)
+    assert seeds.dtype == np.int32
+    assert len(np.unique(seeds[mask])) == 2 and (seeds[~mask] == 0).all()
+    assert (seeds[5, 3:31] == seeds[5, 3]).all()
+
+
+def test_remove_small_matches_the_min_size_of_the_full_path():
+    interior = np.zeros((30, 30))
+    interior[1:4, 1:4] = 0.9  # 9 pixels
+    interior[10:20, 10:20] = 0.9  # 100 pixels
+    interior[22:26, 2:6] = 0.9  # 16 pixels
+    probabilities = three_class(interior, np.zeros_like(interior))
+    unfiltered = probabilities_to_labels(probabilities, 0.5, min_size=0)
+    for min_size in (0, 10, 16, 17, 101):
+        np.testing.assert_array_equal(remove_small(unfiltered, min_size),
+                                      probabilities_to_labels(probabilities, 0.5, min_size))
+    assert remove_small(unfiltered, 10).max() == 2
+
+
+def test_negative_split_depth_is_refused():
+    with pytest.raises(ValueError, match="split_depth is a distance in pixels, at least 0.*got -1"):
+        probabilities_to_labels(three_class(np.ones((4, 4)), np.zeros((4, 4))), split_depth=-1.0)

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from conftest import CASES, REPO
-from napari_xlstm_unet.training.augment import PatchDataset, group_weights, intensity_augment
+from napari_xlstm_unet.training.augment import PatchDataset, group_weights, intensity_augment, stain_augment
 from napari_xlstm_unet.training.config import load_config
 from napari_xlstm_unet.training.data import (
     IGNORE_INDEX,
@@ -280,6 +280,55 @@ def test_colour_jitter_affine_per_channel():
                                   intensity_augment(np.random.default_rng(0), grey))
 
 
+def test_stain_change_scales_pure_haematoxylin_by_the_drawn_gain():
+    from skimage.color import rgb_from_hed
+
+    # Pixels of pure haematoxylin at concentrations 0.02 to 0.2 (skimage's
+    # rgb2hed units), plus an unstained white one: RGB = 1e-6 ** (c * H row).
+    concentration = np.array([0.0, 0.02, 0.05, 0.1, 0.2])
+    rgb = (1e-6 ** (concentration[:, None] * rgb_from_hed[0])).T.reshape(3, 1, 5).astype(np.float32)
+    gains = np.random.default_rng(7).uniform(0.9, 1.1, 3)
+    out = stain_augment(np.random.default_rng(7), rgb, gain=0.1, offset=0.0)
+    expected = (1e-6 ** (gains[0] * concentration[:, None] * rgb_from_hed[0])).T.reshape(3, 1, 5)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-6)
+    # The change is not a per-channel gain, which normalisation would undo:
+    # the white pixel stays white while the stained ones change.
+    np.testing.assert_allclose(out[:, 0, 0], 1.0, atol=1e-6)
+    assert np.abs(out - rgb).max() > 1e-3
+
+
+def test_stain_change_keeps_grey_and_out_of_range_pixels():
+    ramp = np.linspace(-0.2, 1.3, 64, dtype=np.float32).reshape(1, 8, 8)
+    grey = np.concatenate([ramp, ramp, ramp])
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(stain_augment(rng, grey), grey)
+    assert rng.random() == np.random.default_rng(0).random()  # nothing drawn
+    colour = np.concatenate([ramp, ramp * 0.5 + 0.3, ramp[:, ::-1]])
+    # No change drawn: an exact round trip through the stain space.
+    np.testing.assert_allclose(stain_augment(rng, colour, gain=0.0, offset=0.0), colour, atol=1e-5)
+    changed = stain_augment(np.random.default_rng(3), colour)
+    # Only the part inside [0.01, 1] changes; the rest passes through.
+    inside = np.clip(colour, 0.01, 1.0)
+    np.testing.assert_allclose(changed, stain_augment(np.random.default_rng(3), inside) + (colour - inside),
+                               atol=1e-6)
+    assert np.abs(changed - colour).max() > 1e-3
+    assert np.isfinite(changed).all() and changed.dtype == np.float32
+
+
+def test_stain_jitter_off_keeps_the_patches():
+    image = np.random.default_rng(0).random((3, 40, 40)).astype(np.float32)
+    sample = _disk_sample(40)
+    sample.image = image
+    plain = PatchDataset([sample], patch_size=24, epoch_length=4, seed=0)
+    off = PatchDataset([sample], patch_size=24, epoch_length=4, seed=0, stain_jitter=0.0)
+    on = PatchDataset([sample], patch_size=24, epoch_length=4, seed=0, stain_jitter=1.0)
+    for i in range(4):
+        torch.testing.assert_close(plain[i][0], off[i][0])
+    assert any(not torch.allclose(plain[i][0], on[i][0]) for i in range(4))
+    with pytest.raises(ValueError, match=r"train.stain_jitter is a probability in \[0, 1\], got 1.5"):
+        load_config(None, ["data.train_dir=x", "train.stain_jitter=1.5"])
+
+
 def test_group_weights_favour_small_groups():
     weights = group_weights(["a"] * 4 + ["b"])
     assert weights.sum() == pytest.approx(1.0)
@@ -314,3 +363,23 @@ def test_time_stack_training_image_is_rejected_by_name(tmp_path):
     tifffile.imwrite(tmp_path / "frame0_mask.tif", tifffile.imread(case / "br04_gt_labels_tyx.tif")[0])
     with pytest.raises(ValueError, match=r"training image .*br04_tyx_imagej.tif: .*axes TYX.*its own mask"):
         load_sample(Pair(case / "br04_tyx_imagej.tif", tmp_path / "frame0_mask.tif"), "cells", 3, {})
+
+
+def test_tuning_chooses_seed_splitting_only_when_it_scores_higher():
+    from napari_xlstm_unet.training.evaluation import tune_postprocess
+
+    yy, xx = np.mgrid[:48, :72]
+    first, second = [(yy - 24) ** 2 + (xx - cx) ** 2 <= 144 for cx in (24, 44)]
+    truth = np.where(first, 1, np.where(second, 2, 0)).astype(np.int32)
+    interior = (first | second).astype(np.float32) * 0.9
+    probabilities = np.stack([1 - interior, interior, np.zeros_like(interior)])
+    sample = Sample("pair", np.zeros((3, 48, 72), np.float32), instances_to_classes(truth), truth)
+    start = {"prob_threshold": 0.5, "min_size": 16, "split_depth": 0.0}
+    tuned, f1 = tune_postprocess([probabilities], [sample], start)
+    # Two touching disks: only a split depth of 2 finds both (F1 1 against 0).
+    assert tuned["split_depth"] == 2.0 and f1 == 1.0
+    # One disk alone: every split depth scores 1, so the tie keeps the start value.
+    alone = np.where(truth == 1, 1, 0).astype(np.int32)
+    single = np.stack([1 - first * 0.9, first * 0.9, np.zeros_like(interior)]).astype(np.float32)
+    tuned, f1 = tune_postprocess([single], [Sample("one", sample.image, instances_to_classes(alone), alone)], start)
+    assert tuned == start and f1 == 1.0

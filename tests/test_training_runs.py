@@ -15,11 +15,12 @@ import pytest
 import tifffile
 import torch
 
-from conftest import CASES, REPO
+from conftest import CASES, DATA, REPO
 
 sys.path.insert(0, str(REPO / "training"))
 
 import train  # noqa: E402
+import tune_postprocess  # noqa: E402
 
 from napari_xlstm_unet.model import ModelConfig, build_model  # noqa: E402
 from napari_xlstm_unet.model.checkpoint import LoadedModel, load_checkpoint, save_checkpoint, transfer_weights  # noqa: E402
@@ -278,3 +279,50 @@ def test_resume_without_average_fails(tmp_path, caplog):
         code = train.main(["--out", str(tmp_path / "run"), "--resume", "--set", "train.ema_decay=0.9"])
     assert code == 2
     assert "train.ema_decay=0" in caplog.text
+
+
+def test_tune_postprocess_script_rewrites_only_the_post_processing(tmp_path, capsys):
+    from napari_xlstm_unet.pretrained import resolve_model_path
+    from napari_xlstm_unet.training.data import load_sample, resolve_splits
+    from napari_xlstm_unet.training.evaluation import cell_scores, predict_all
+
+    with open(REPO / "training" / "splits" / "dsb2018.csv", newline="") as handle:
+        every = list(csv.DictReader(handle))
+    # The split needs a training row to load; only the 3 validation rows are used.
+    rows = [row for row in every if row["split"] == "train"][:1] + [row for row in every if row["split"] == "val"][:3]
+    split = tmp_path / "split.csv"
+    with open(split, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"task: cells\ndata:\n  split_csv: {split}\n  data_root: {DATA}\nval:\n  tile_size: 512\n")
+    checkpoint = tmp_path / "cells.pt"
+    loaded = load_checkpoint(resolve_model_path("cells"))
+    before = {"prob_threshold": 0.5, "min_size": 16, "split_depth": 0.0}
+    loaded.postprocess = dict(before)
+    save_checkpoint(checkpoint, loaded)
+
+    assert tune_postprocess.main([str(checkpoint), "--config", str(config), "--threads", "2"]) == 0
+    tuned = load_checkpoint(checkpoint)
+    assert tuned.model_card["postprocess_before"] == before
+    assert set(tuned.postprocess) == set(before)
+    for name, value in loaded.model.state_dict().items():
+        assert torch.equal(tuned.model.state_dict()[name], value)
+    # The stored F1 is what the stored parameters score on those 3 images.
+    samples = [load_sample(pair, "cells", 3, tuned.normalization) for pair in resolve_splits(
+        train.load_config(config).data)["val"]]
+    probabilities = predict_all(tuned.model, samples, 3, torch.device("cpu"), 512)
+    scores = cell_scores(probabilities, samples, tuned.postprocess["prob_threshold"], tuned.postprocess["min_size"],
+                         tuned.postprocess["split_depth"])
+    assert tuned.model_card["val_f1_at_0.5"] == round(float(np.mean([r["f1"] for r in scores])), 4)
+    assert str(checkpoint) in capsys.readouterr().out
+
+
+def test_tune_postprocess_script_refuses_a_semantic_model(tmp_path, capsys):
+    from napari_xlstm_unet.pretrained import resolve_model_path
+
+    config = tmp_path / "config.yaml"
+    config.write_text("task: cells\ndata:\n  train_dir: nowhere\n")
+    assert tune_postprocess.main([str(resolve_model_path("polyps")), "--config", str(config)]) == 2
+    assert "is a 'semantic' model" in capsys.readouterr().err

@@ -135,6 +135,7 @@ def test_changing_thresholds_relabels_without_the_network(widget_and_viewer, qtb
     tuned = load_model("cells").postprocess
     assert widget._threshold.value == tuned["prob_threshold"]
     assert widget._min_size.value == tuned["min_size"]
+    assert widget._split_depth.value == tuned["split_depth"] > 0
 
     def no_network(*args, **kwargs):
         raise AssertionError("the network ran again")
@@ -145,12 +146,17 @@ def test_changing_thresholds_relabels_without_the_network(widget_and_viewer, qtb
     sizes = np.sort(np.bincount(before.ravel())[1:])
     min_size = int(sizes[len(sizes) // 2]) + 1  # removes the smaller half of the objects
     widget._min_size.value = min_size
-    expected = probabilities_to_labels(probabilities, tuned["prob_threshold"], min_size)
+    depth = tuned["split_depth"]
+    expected = probabilities_to_labels(probabilities, tuned["prob_threshold"], min_size, depth)
     np.testing.assert_array_equal(labels_layer.data, expected)
     assert expected.max() < before.max()
     widget._threshold.value = 0.95
-    np.testing.assert_array_equal(labels_layer.data, probabilities_to_labels(probabilities, 0.95, min_size))
+    np.testing.assert_array_equal(labels_layer.data,
+                                  probabilities_to_labels(probabilities, 0.95, min_size, depth))
     assert "threshold 0.95" in widget._status.value
+    widget._split_depth.value = 0.0
+    np.testing.assert_array_equal(labels_layer.data, probabilities_to_labels(probabilities, 0.95, min_size))
+    assert "split depth 0" in widget._status.value
 
 
 def test_rgb_frame_with_the_polyp_model_gives_classes(widget_and_viewer, qtbot):

@@ -75,7 +75,7 @@ class BatchOptions:
         ignored); adds metrics to each row.
     overwrite : bool
         Replace existing outputs instead of skipping them.
-    prob_threshold, min_size, tile_size, overlap, precision, device
+    prob_threshold, min_size, split_depth, tile_size, overlap, precision, device
         As in :func:`~napari_xlstm_unet.inference.predict.segment_image`.
     mirror : bool
         Test-time mirroring: 4 network passes per window.
@@ -90,6 +90,7 @@ class BatchOptions:
     overwrite: bool = False
     prob_threshold: float | None = None
     min_size: int | None = None
+    split_depth: float | None = None
     tile_size: int = 512
     overlap: float = 0.125
     precision: str = "float32"
@@ -234,7 +235,7 @@ def iter_batch(
                 segmentation = segment_image(
                     image.data, loaded, options.prob_threshold, options.min_size, options.tile_size,
                     options.overlap, image.has_alpha, precision=options.precision, axes=image.axes,
-                    name=str(path), mirror=options.mirror,
+                    name=str(path), mirror=options.mirror, split_depth=options.split_depth,
                 )
                 labels = segmentation.labels
                 result.shape = "x".join(map(str, labels.shape))

@@ -65,6 +65,10 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="interior probability that seeds an object; None uses the model's tuned value")
     segment.add_argument("--min-size", type=_integer_at_least(0, "--min-size"), default=None,
                          help="smallest object kept, in pixels; None uses the model's tuned value")
+    segment.add_argument("--split-depth", type=_fraction(0.0, 50.0, "--split-depth"), default=None,
+                         help="split seeds holding several touching nuclei: the smallest dip, in pixels, of "
+                              "the seed's distance map between two nuclei; larger splits less, 0 never "
+                              "splits; None uses the model's value")
     segment.add_argument("--tile-size", type=_integer_at_least(16, "--tile-size"), default=512,
                          help="sliding-window side in pixels")
     segment.add_argument("--overlap", type=_fraction(0.0, 0.9, "--overlap"), default=0.125,
@@ -146,8 +150,8 @@ def _segment(args: argparse.Namespace) -> int:
     options = BatchOptions(
         out_dir=args.out, task=args.task, model=args.model, recursive=args.recursive, pattern=args.pattern,
         gt_dir=args.gt_dir, overwrite=args.overwrite, prob_threshold=args.prob_threshold,
-        min_size=args.min_size, tile_size=args.tile_size, overlap=args.overlap, precision=args.precision,
-        device=args.device, mirror=args.mirror,
+        min_size=args.min_size, split_depth=args.split_depth, tile_size=args.tile_size, overlap=args.overlap,
+        precision=args.precision, device=args.device, mirror=args.mirror,
     )
 
     def report(result, done: int, total: int) -> None:

@@ -156,7 +156,8 @@ def _iter_segment_plane(
     if loaded.task == "semantic":
         return class_map(probabilities), probabilities
     labels = probabilities_to_labels(
-        probabilities, prob_threshold=params["prob_threshold"], min_size=params["min_size"]
+        probabilities, prob_threshold=params["prob_threshold"], min_size=params["min_size"],
+        split_depth=params.get("split_depth", 0.0),
     )
     return labels, probabilities
 
@@ -196,6 +197,7 @@ def iter_segment_image(
     axes: str | None = None,
     name: str | None = None,
     mirror: bool = False,
+    split_depth: float | None = None,
 ) -> Generator[tuple[int, int], None, Segmentation]:
     """Generator form of :func:`segment_image`: yields ``(done, total)`` per window.
 
@@ -219,6 +221,8 @@ def iter_segment_image(
         params["prob_threshold"] = prob_threshold
     if min_size is not None:
         params["min_size"] = min_size
+    if split_depth is not None:
+        params["split_depth"] = split_depth
 
     n_planes = flat.shape[0]
     if n_planes > 1:
@@ -271,6 +275,7 @@ def segment_image(
     axes: str | None = None,
     name: str | None = None,
     mirror: bool = False,
+    split_depth: float | None = None,
 ) -> Segmentation:
     """Segment one 2D image, or each plane of a stack: cells into instances, other tasks into classes.
 
@@ -312,6 +317,11 @@ def segment_image(
         each window, at 4 network passes per window. For the shipped cell
         model it did not raise the mean F1 on the DSB2018 validation split
         (docs/models.md gives the figures).
+    split_depth : float, optional
+        Cell post-processing: split seeds holding several nuclei; see
+        :func:`~napari_xlstm_unet.inference.postprocess.split_seeds`. The
+        checkpoint's value by default, 0 (no splitting) for checkpoints
+        that predate it.
 
     Returns
     -------
@@ -322,6 +332,6 @@ def segment_image(
     """
     steps = iter_segment_image(
         image, loaded, prob_threshold, min_size, tile_size, overlap, has_alpha, channels_last,
-        precision, axes, name, mirror,
+        precision, axes, name, mirror, split_depth,
     )
     return drive(steps, progress, should_stop)

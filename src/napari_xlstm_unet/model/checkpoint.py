@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "napari-xlstm-unet/1"
 
 DEFAULT_NORMALIZATION = {"kind": "percentile", "low": 1.0, "high": 99.8}
-DEFAULT_POSTPROCESS = {"prob_threshold": 0.5, "min_size": 16}
+DEFAULT_POSTPROCESS = {"prob_threshold": 0.5, "min_size": 16, "split_depth": 0.0}
 
 
 @dataclass
@@ -46,7 +46,8 @@ class LoadedModel:
     normalization : dict
         Input normalisation: ``{"kind": "percentile", "low": 1.0, "high": 99.8}``.
     postprocess : dict
-        Post-processing parameters, for cells ``prob_threshold`` and ``min_size``.
+        Post-processing parameters, for cells ``prob_threshold``, ``min_size``
+        and ``split_depth``.
     model_card : dict
         Free-form description: data, command, date, metrics.
     input_scale : float
@@ -162,7 +163,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         task=payload.get("task", "cells"),
         class_names=list(payload.get("class_names", [])),
         normalization=dict(payload.get("normalization", DEFAULT_NORMALIZATION)),
-        postprocess=dict(payload.get("postprocess", DEFAULT_POSTPROCESS)),
+        postprocess=_postprocess(payload),
         model_card=dict(payload.get("model_card", {})),
         source=str(path),
         input_scale=float(payload.get("input_scale", 1.0)),
@@ -212,3 +213,11 @@ def transfer_weights(model: XLSTMUNet, source: LoadedModel, skip_prefixes: tuple
             f"missing {unexplained[:5]}, unexpected {unexpected[:5]}"
         )
     return list(missing)
+
+
+def _postprocess(payload: dict) -> dict[str, Any]:
+    postprocess = dict(payload.get("postprocess", DEFAULT_POSTPROCESS))
+    if "prob_threshold" in postprocess:
+        # Cell checkpoints written before seed splitting existed keep their behaviour.
+        postprocess.setdefault("split_depth", 0.0)
+    return postprocess

@@ -19,6 +19,7 @@ Augmentations and their probabilities, close to nnU-Net's 2D defaults:
 | low-resolution simulation | 0.25 (each channel 0.5) | zoom 0.5 to 1 |
 | gamma | 0.3 (inverted first with 0.1) | 0.7 to 1.5 |
 | colour (off by default) | ``colour_jitter`` | gain 0.8 to 1.2 and offset -0.1 to 0.1 per channel |
+| stain (off by default) | ``stain_jitter`` | gain 0.9 to 1.1 and offset -0.02 to 0.02 per H, E, D channel |
 
 A share ``foreground_fraction`` of the patches is centred on a random
 foreground pixel (nnU-Net's foreground oversampling).
@@ -31,9 +32,13 @@ import math
 import numpy as np
 import torch
 from scipy import ndimage as ndi
+from skimage.color import hed_from_rgb, rgb_from_hed
 from torch.utils.data import Dataset
 
 from .data import IGNORE_INDEX, Sample
+
+_MIN_RGB = 1e-6  # skimage.color's floor of RGB values; sets the optical-density unit
+_DARKEST = 0.01  # darkest RGB value the stain change acts on
 
 
 def group_weights(groups: list[str]) -> np.ndarray:
@@ -67,11 +72,13 @@ class PatchDataset(Dataset):
         Probability of drawing each sample; uniform when omitted.
     colour_jitter : float
         Probability of the per-channel colour change of :func:`intensity_augment`.
+    stain_jitter : float
+        Probability of the stain change of :func:`stain_augment`.
     """
 
     def __init__(self, samples: list[Sample], patch_size: int, epoch_length: int, seed: int,
                  foreground_fraction: float = 0.33, weights: np.ndarray | None = None,
-                 colour_jitter: float = 0.0) -> None:
+                 colour_jitter: float = 0.0, stain_jitter: float = 0.0) -> None:
         self.samples = samples
         self.patch_size = patch_size
         self.epoch_length = epoch_length
@@ -80,6 +87,7 @@ class PatchDataset(Dataset):
         self.foreground_fraction = foreground_fraction
         self.weights = weights
         self.colour_jitter = colour_jitter
+        self.stain_jitter = stain_jitter
         self.foreground = [
             np.flatnonzero((s.classes > 0) & (s.classes != IGNORE_INDEX)) for s in samples
         ]
@@ -95,6 +103,8 @@ class PatchDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         which = int(rng.choice(len(self.samples), p=self.weights))
         image, classes = self._spatial(rng, which)
+        if self.stain_jitter > 0 and rng.random() < self.stain_jitter:
+            image = stain_augment(rng, image)
         image = intensity_augment(rng, image, self.colour_jitter)
         return torch.from_numpy(image), torch.from_numpy(classes.astype(np.int64))
 
@@ -191,6 +201,47 @@ def intensity_augment(rng: np.random.Generator, image: np.ndarray, colour_jitter
         offset = rng.uniform(-0.1, 0.1, image.shape[0]).astype(np.float32)
         image = image * gain[:, None, None] + offset[:, None, None]
     return image
+
+
+def stain_augment(rng: np.random.Generator, image: np.ndarray, gain: float = 0.1,
+                  offset: float = 0.02) -> np.ndarray:
+    """Vary the stain of a colour (3, H, W) patch in haematoxylin-eosin-DAB space.
+
+    Each of the H, E and D concentrations (skimage's ``hed_from_rgb`` stain
+    matrix, Ruifrok and Johnston 2001) is scaled by a gain drawn from 1 +- ``gain`` and shifted by an offset drawn
+    from +- ``offset`` (the concentrations of a typical H&E tile span about 0 to 0.2),
+    then the patch goes back to RGB. Unlike a per-channel gain, this mixes the
+    RGB channels, so the per-channel percentile normalisation at inference does
+    not undo it. Values outside [0.01, 1] pass through unchanged. Patches that are
+    not 3-channel colour (all channels equal, as for grey images read as RGB)
+    are returned unchanged without drawing from ``rng``.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Source of the gains and offsets.
+    image : numpy.ndarray, shape (C, H, W)
+        A percentile-normalised patch, about 0 to 1.
+    gain, offset : float
+        Half-widths of the uniform ranges of the gain around 1 and the offset around 0.
+
+    Returns
+    -------
+    numpy.ndarray, shape (C, H, W), float32
+    """
+    if image.shape[0] != 3 or np.ptp(image, axis=0).max() < 1e-3:
+        return image
+    # The floor of 0.01 keeps pixels at or below the 1st percentile (0 after
+    # normalisation, an optical density of infinity) from taking extreme colours.
+    inside = np.clip(image, _DARKEST, 1.0)
+    # Optical density per RGB channel, in the units of skimage's rgb2hed
+    # (divided by -log(1e-6)). skimage's own functions clip negative
+    # concentrations to 0, which loses colour; this round trip is exact.
+    density = np.log(np.moveaxis(inside, 0, -1)) / np.log(_MIN_RGB)
+    hed = density @ hed_from_rgb
+    hed = hed * rng.uniform(1.0 - gain, 1.0 + gain, 3) + rng.uniform(-offset, offset, 3)
+    rgb = np.exp((hed @ rgb_from_hed) * np.log(_MIN_RGB))
+    return (np.clip(np.moveaxis(rgb, -1, 0), _DARKEST, 1.0) + (image - inside)).astype(np.float32)
 
 
 def _low_resolution(channel: np.ndarray, zoom: float) -> np.ndarray:

@@ -85,6 +85,9 @@ class TrainSection:
     # Probability of a per-channel gain and offset (colour) change of a patch
     # with more than one channel; 0 keeps the patches of earlier runs.
     colour_jitter: float = 0.0
+    # Probability of a haematoxylin-eosin-DAB stain change of a colour patch
+    # (see augment.stain_augment); 0 keeps the patches of earlier runs.
+    stain_jitter: float = 0.0
     # Validate and keep an exponential moving average of the weights, updated
     # every step (about 1 / (1 - decay) steps of memory); 0 = off.
     ema_decay: float = 0.0
@@ -145,8 +148,9 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self.train, name)}")
         if not 0.05 <= self.data.scale <= 4.0:
             raise ValueError(f"data.scale must lie in [0.05, 4], got {self.data.scale}")
-        if not 0.0 <= self.train.colour_jitter <= 1.0:
-            raise ValueError(f"train.colour_jitter is a probability in [0, 1], got {self.train.colour_jitter}")
+        for name in ("colour_jitter", "stain_jitter"):
+            if not 0.0 <= getattr(self.train, name) <= 1.0:
+                raise ValueError(f"train.{name} is a probability in [0, 1], got {getattr(self.train, name)}")
         if not 0.0 <= self.train.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must lie in [0, 1) (0 = off, 0.998 is typical), "
                              f"got {self.train.ema_decay}")

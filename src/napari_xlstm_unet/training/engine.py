@@ -253,7 +253,7 @@ def iter_run(config: TrainConfig, out: Path, resume: bool = False, command: str 
     steps_per_epoch = config.train.iters_per_epoch
     dataset = PatchDataset(train_samples, config.train.patch_size, steps_per_epoch * batch_size * world,
                            config.train.seed, config.train.foreground_fraction, weights,
-                           config.train.colour_jitter)
+                           config.train.colour_jitter, config.train.stain_jitter)
     sampler = DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=config.train.num_workers,
                         drop_last=True)
@@ -470,7 +470,8 @@ def _finish(config, out, model, model_config, device, task, class_names, normali
             elif name == "val" and config.val.tune_postprocess:
                 postprocess, tuned = tune_postprocess(probabilities, samples, postprocess)
                 logger.info("post-processing tuned on validation: %s (F1 %.4f)", postprocess, tuned)
-            rows = cell_scores(probabilities, samples, postprocess["prob_threshold"], postprocess["min_size"])
+            rows = cell_scores(probabilities, samples, postprocess["prob_threshold"], postprocess["min_size"],
+                               postprocess.get("split_depth", 0.0))
             summary = write_report(rows, report_dir, name)
             card_scores[f"{name}_f1_at_0.5"] = round(summary.get("mean_f1", float("nan")), 4)
         else:

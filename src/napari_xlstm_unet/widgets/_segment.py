@@ -109,16 +109,20 @@ class SegmentWidget(Container):
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="Progress", min=0, max=1, value=0)
         self._status = Label(label="Status", value="ready")
-        # Cell post-processing: changing either redraws the last labels from
+        # Cell post-processing: changing any of these redraws the last labels from
         # the kept probabilities, without running the network again.
         self._threshold = FloatSpinBox(label="Seed threshold", min=0.0, max=1.0, step=0.05, value=0.5,
                                        enabled=False)
         self._min_size = SpinBox(label="Min size (px)", min=0, max=100_000, value=16, enabled=False)
+        self._split_depth = FloatSpinBox(label="Split depth (px)", min=0.0, max=50.0, step=0.5, value=0.0,
+                                         enabled=False,
+                                         tooltip="Split seeds that hold several touching nuclei. "
+                                                 "Larger values split less; 0 never splits.")
         self._last = None  # (probabilities, labels layer) of the last cell run
         self.extend([self._image, self._model, self._checkpoint, self._mirror, self._run, self._cancel,
-                     self._progress, self._status, self._threshold, self._min_size])
-        self._threshold.changed.connect(self._relabel)
-        self._min_size.changed.connect(self._relabel)
+                     self._progress, self._status, self._threshold, self._min_size, self._split_depth])
+        for control in (self._threshold, self._min_size, self._split_depth):
+            control.changed.connect(self._relabel)
         from ._finetune import SEGMENT_WIDGETS
 
         SEGMENT_WIDGETS.add(self)
@@ -206,11 +210,13 @@ class SegmentWidget(Container):
         # CPU, most of it importing pandas for the session's first Labels layer.
         layer = self._viewer.add_labels(labels, **layer_kwargs)
         self._last = (probabilities, layer) if task == "cells" else None
-        self._threshold.enabled = self._min_size.enabled = task == "cells"
+        self._threshold.enabled = self._min_size.enabled = self._split_depth.enabled = task == "cells"
         if task == "cells":
-            with self._threshold.changed.blocked(), self._min_size.changed.blocked():
+            with self._threshold.changed.blocked(), self._min_size.changed.blocked(), \
+                    self._split_depth.changed.blocked():
                 self._threshold.value = postprocess["prob_threshold"]
                 self._min_size.value = postprocess["min_size"]
+                self._split_depth.value = postprocess.get("split_depth", 0.0)
         if task == "semantic":
             share = 100 * np.count_nonzero(labels) / max(labels.size, 1)
             self._set_status(f"classes: {share:.1f} % of pixels in foreground classes")
@@ -220,7 +226,7 @@ class SegmentWidget(Container):
             self._set_status(f"{labels.shape[0]} planes, up to {int(labels.max())} objects per plane")
 
     def _relabel(self, _value=None) -> None:
-        """Redraw the last cell labels with the current threshold and minimum size."""
+        """Redraw the last cell labels with the current threshold, minimum size and split depth."""
         from ..inference.postprocess import relabel_planes
 
         if self._last is None:
@@ -229,9 +235,10 @@ class SegmentWidget(Container):
         if layer not in self._viewer.layers:
             self._last = None  # the user deleted the layer
             return
-        layer.data = relabel_planes(probabilities, self._threshold.value, self._min_size.value)
+        layer.data = relabel_planes(probabilities, self._threshold.value, self._min_size.value,
+                                    self._split_depth.value)
         self._set_status(f"{int(layer.data.max())} objects (threshold {self._threshold.value:.2f}, "
-                         f"min size {self._min_size.value})")
+                         f"min size {self._min_size.value}, split depth {self._split_depth.value:g})")
 
     def _on_finished(self) -> None:
         self._worker = None
