@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import CASES, DATA
 from napari_xlstm_unet.batch import BatchOptions, find_images, run_batch
+from napari_xlstm_unet.model.checkpoint import load_checkpoint
 from napari_xlstm_unet.pretrained import resolve_model_path
 
 SAMPLE = DATA / "microscopy" / "images" / "dsb2018s1test_191b2b2205f2.tif"
@@ -116,6 +117,7 @@ def test_batch_ground_truth_and_run_json(tmp_path):
     weights = resolve_model_path("cells")
     assert record["model"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert record["model"]["task"] == "cells"
+    assert record["model"]["postprocess"] == load_checkpoint(weights).postprocess
     assert record["options"]["gt_dir"] == str(gt)
     assert record["inputs"] == [str(folder)]
 
@@ -156,3 +158,9 @@ def test_torchrun_splits_files_across_two_processes(tmp_path):
     assert len(_rows(out / "results.rank0.csv")) == 2
     assert len(_rows(out / "results.rank1.csv")) == 2
     assert json.loads((out / "run.json").read_text())["processes"] == 2
+
+
+def test_batch_with_only_missing_inputs_names_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"none of the inputs exist \(.*a\.tif, .*b\.tif\)"):
+        run_batch([tmp_path / "a.tif", tmp_path / "b.tif"], BatchOptions(out_dir=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

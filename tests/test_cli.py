@@ -95,6 +95,11 @@ def test_missing_input_reported_and_run_continues(tmp_path, capsys):
     assert code == 1
     assert (out / f"{SAMPLE.stem}_labels.tif").is_file()
     assert "nope.tif" in capsys.readouterr().err
+    with open(out / "results.csv", newline="") as handle:
+        rows = {row["input"]: row for row in csv.DictReader(handle)}
+    missing = rows[str(tmp_path / "nope.tif")]
+    assert (missing["status"], missing["reason"], missing["output"]) == ("failed", "file or folder not found", "")
+    assert rows[str(SAMPLE)]["status"] == "ok"
 
 
 @pytest.mark.parametrize(

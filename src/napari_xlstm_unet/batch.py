@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -277,13 +278,18 @@ def _finish_write(result: FileResult, write: Future) -> FileResult:
 
 
 def model_identity(loaded) -> dict:
-    """Return what identifies a loaded model: path, SHA-256 of its file, task and model card name/date."""
+    """Return what identifies a loaded model: path, SHA-256 of its file, task, card name and date, post-processing.
+
+    The post-processing values are the checkpoint's; options given for the
+    run (``--prob-threshold`` and the like) replace them and are recorded
+    with the options.
+    """
     digest = ""
     if loaded.source and Path(loaded.source).is_file():
         digest = hashlib.sha256(Path(loaded.source).read_bytes()).hexdigest()
     card = loaded.model_card or {}
     return {"path": loaded.source, "sha256": digest, "task": loaded.task, "name": card.get("name"),
-            "date": card.get("date"), "input_scale": loaded.input_scale}
+            "date": card.get("date"), "input_scale": loaded.input_scale, "postprocess": dict(loaded.postprocess)}
 
 
 def _earlier_rows(path: Path) -> dict[str, dict]:
@@ -347,8 +353,13 @@ def iter_run_batch(inputs: list[str | os.PathLike], options: BatchOptions,
     out_dir = Path(options.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output folder {out_dir} is an existing file; give a folder")
-    found = find_images(inputs, options.recursive, options.pattern, exclude=out_dir)
+    # A missing input fails on its own, with a row in the results CSV, and the rest still run.
+    missing = [Path(item) for item in inputs if not Path(item).exists()]
+    found = find_images([item for item in inputs if Path(item).exists()], options.recursive, options.pattern,
+                        exclude=out_dir)
     plan = plan_outputs(found, out_dir, options.recursive)
+    if len(missing) == len(inputs):
+        raise FileNotFoundError(f"none of the inputs exist ({', '.join(map(str, missing))}); check the paths")
     if not plan:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) matching {options.pattern!r} "
                                 f"found in {', '.join(map(str, inputs))}")
@@ -380,14 +391,17 @@ def iter_run_batch(inputs: list[str | os.PathLike], options: BatchOptions,
     rows = []
     csv_path = out_dir / (f"results.rank{rank}.csv" if world > 1 else "results.csv")
     earlier = _earlier_rows(csv_path)
+    not_found = [FileResult(str(path), "", "failed", "file or folder not found") for path in missing] \
+        if rank == 0 else []
+    total = len(not_found) + len(mine)
     try:
-        for done, result in enumerate(iter_batch(mine, loaded, options, should_stop), start=1):
+        for done, result in enumerate(chain(not_found, iter_batch(mine, loaded, options, should_stop)), start=1):
             row = result.row()
             # A file skipped because an earlier run segmented it keeps that run's details.
             if result.status == "skipped" and earlier.get(row["input"], {}).get("status") == "ok":
                 row = {**earlier[row["input"]], "status": "skipped", "reason": "segmented by an earlier run"}
             rows.append(row)
-            yield result, done, len(mine)
+            yield result, done, total
     finally:
         # Also when the consumer stops early (a quit worker closes the generator).
         _write_csv(csv_path, rows)

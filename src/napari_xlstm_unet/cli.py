@@ -138,13 +138,9 @@ def _segment(args: argparse.Namespace) -> int:
     from .batch import BatchOptions, run_batch
 
     _check_device(args.device)
-    existing = [item for item in args.inputs if item.exists()]
-    missing = [item for item in args.inputs if not item.exists()]
-    for path in missing:
-        print(f"failed {path}: file or folder not found", file=sys.stderr)
-    if not existing:
+    if not any(item.exists() for item in args.inputs):
         # The same code as a --pattern that matches nothing: no work was possible.
-        print(f"error: none of the inputs exist ({', '.join(map(str, missing))}); check the paths",
+        print(f"error: none of the inputs exist ({', '.join(map(str, args.inputs))}); check the paths",
               file=sys.stderr)
         return 2
     options = BatchOptions(
@@ -164,11 +160,10 @@ def _segment(args: argparse.Namespace) -> int:
         else:
             print(f"[{done}/{total}] failed {result.input}: {result.reason}", file=sys.stderr)
 
-    summary = run_batch(existing, options, on_result=report)
-    failed = summary["failed"] + len(missing)
-    print(f"done: {summary['ok']} segmented, {summary['skipped']} skipped, {failed} failed; "
+    summary = run_batch(args.inputs, options, on_result=report)
+    print(f"done: {summary['ok']} segmented, {summary['skipped']} skipped, {summary['failed']} failed; "
           f"details in {summary['results_csv']}")
-    return 1 if failed else 0
+    return 1 if summary["failed"] else 0
 
 
 def _label_files(folder: Path) -> dict[str, Path]:
