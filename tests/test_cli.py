@@ -103,15 +103,26 @@ def test_missing_input_reported_and_run_continues(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "option, value",
-    [("--prob-threshold", "2"), ("--min-size", "-5"), ("--tile-size", "7"), ("--overlap", "1.5"),
-     ("--split-depth", "-1")],
+    "option, value, message",
+    [("--prob-threshold", "2", "must lie in [0, 1], got 2"), ("--min-size", "-5", "must be at least 0, got -5"),
+     ("--tile-size", "7", "must be at least 16, got 7"), ("--overlap", "1.5", "must lie in [0, 0.9], got 1.5"),
+     ("--split-depth", "-1", "must lie in [0, 50], got -1"),
+     ("--split-depth", "abc", "expected a number from 0 to 50, got 'abc'"),
+     ("--min-size", "1.5", "expected a whole number of at least 0, got '1.5'")],
 )
-def test_invalid_settings_rejected_up_front(tmp_path, option, value, capsys):
+def test_invalid_settings_rejected_up_front(tmp_path, option, value, message, capsys):
     with pytest.raises(SystemExit) as info:
         main(["segment", str(SAMPLE), "--out", str(tmp_path), option, value])
     assert info.value.code == 2
-    assert option in capsys.readouterr().err
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
+def test_cell_settings_with_the_endoscopy_task_warn(tmp_path, capsys):
+    code = main(["segment", str(tmp_path / "nope.png"), "--out", str(tmp_path / "out"), "--task", "endoscopy",
+                 "--split-depth", "3", "--min-size", "5"])
+    assert code == 2  # the input does not exist; the warning comes first
+    assert "warning: --min-size, --split-depth only apply to cell models; --task endoscopy ignores them" \
+        in capsys.readouterr().err
 
 
 def test_out_is_a_file_is_clear_error(tmp_path, capsys):

@@ -126,6 +126,18 @@ def test_split_seeds_keeps_regions_the_half_resolution_grid_misses():
     assert (seeds[5, 3:31] == seeds[5, 3]).all()
 
 
+@pytest.mark.parametrize("depth", [0.5, 2.0, 5.0, 50.0])
+def test_split_seeds_keeps_seeds_apart_that_touch_at_half_resolution(depth):
+    mask = np.zeros((20, 30), bool)
+    mask[4:16, 2:11] = True
+    mask[4:16, 12:21] = True  # a one-pixel gap at column 11, which mask[::2, ::2] skips
+    seeds = split_seeds(mask, depth)
+    assert len(np.unique(seeds[mask])) == 2
+    assert (seeds[4:16, 2:11] == seeds[4, 2]).all() and (seeds[4:16, 12:21] == seeds[4, 12]).all()
+    labels = probabilities_to_labels(three_class(mask * 0.9, np.zeros(mask.shape)), 0.5, 0, depth)
+    assert labels.max() == 2
+
+
 def test_remove_small_matches_the_min_size_of_the_full_path():
     interior = np.zeros((30, 30))
     interior[1:4, 1:4] = 0.9  # 9 pixels

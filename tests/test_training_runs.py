@@ -319,10 +319,16 @@ def test_tune_postprocess_script_rewrites_only_the_post_processing(tmp_path, cap
     assert str(checkpoint) in capsys.readouterr().out
 
 
-def test_tune_postprocess_script_refuses_a_semantic_model(tmp_path, capsys):
+def test_tune_postprocess_script_refuses_wrong_models_and_data(tmp_path, capsys):
     from napari_xlstm_unet.pretrained import resolve_model_path
 
     config = tmp_path / "config.yaml"
     config.write_text("task: cells\ndata:\n  train_dir: nowhere\n")
     assert tune_postprocess.main([str(resolve_model_path("polyps")), "--config", str(config)]) == 2
     assert "is a 'semantic' model" in capsys.readouterr().err
+    text = tmp_path / "x.pt"
+    text.write_text("not a checkpoint")
+    assert tune_postprocess.main([str(text), "--config", str(config)]) == 2
+    assert f"error: {text}" in capsys.readouterr().err
+    assert tune_postprocess.main([str(resolve_model_path("cells")), "--config", str(config)]) == 2
+    assert "nowhere" in capsys.readouterr().err

@@ -6,8 +6,10 @@
 The network runs once over the validation split; the seed threshold, minimum
 size and split depth are then searched on the grid that training uses
 (``napari_xlstm_unet.training.evaluation``). The checkpoint keeps its weights;
-its ``postprocess`` and the model card's ``val_f1_at_0.5`` are replaced, and
-the card records the previous values under ``postprocess_before``. Use it
+its ``postprocess`` and the model card's ``val_f1_at_0.5`` are replaced. The
+card keeps the values from before the first tuning under ``postprocess_before``
+(a second tuning leaves them). Paths in the config are read from the current
+folder, as in training. Use it
 when the post-processing gains a parameter after a model was trained.
 """
 
@@ -39,13 +41,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_checkpoint(args.checkpoint)
+    try:
+        loaded = load_checkpoint(args.checkpoint)
+        config = load_config(args.config)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if loaded.task != "cells":
         print(f"error: {args.checkpoint} is a {loaded.task!r} model; only cell models have post-processing "
               "to tune", file=sys.stderr)
         return 2
-    config = load_config(args.config)
-    pairs = resolve_splits(config.data).get("val", [])
+    try:
+        pairs = resolve_splits(config.data).get("val", [])
+    except (OSError, ValueError) as error:
+        print(f"error: {error} (paths in {args.config} are read from {Path.cwd()})", file=sys.stderr)
+        return 2
     if len(pairs) < 3:
         print(f"error: {len(pairs)} validation image(s) in the config's split; tuning needs at least 3",
               file=sys.stderr)
@@ -58,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     tuned, f1 = tune_postprocess(probabilities, samples, before)
     logger.info("%d validation images: %s gives mean F1 %.4f (was %s)", len(samples), tuned, f1, before)
     loaded.postprocess = tuned
-    loaded.model_card["postprocess_before"] = before
+    loaded.model_card.setdefault("postprocess_before", before)
     loaded.model_card["val_f1_at_0.5"] = round(f1, 4)
     save_checkpoint(args.checkpoint, loaded)
     print(f"{args.checkpoint}: post-processing {tuned}, validation F1 {f1:.4f}")

@@ -19,21 +19,30 @@ __all__ = ["main"]
 logger = logging.getLogger(__name__)
 
 
-def _fraction(low: float, high: float, name: str):
+def _in_range(low: float, high: float, name: str):
+    # argparse prefixes "argument NAME: " to the message; ``name`` only names the parser.
     def parse(text: str) -> float:
-        value = float(text)
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number from {low:g} to {high:g}, got {text!r}") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{name} must lie in [{low}, {high}], got {value}")
+            raise argparse.ArgumentTypeError(f"must lie in [{low:g}, {high:g}], got {value:g}")
         return value
+    parse.__name__ = name
     return parse
 
 
 def _integer_at_least(minimum: int, name: str):
     def parse(text: str) -> int:
-        value = int(text)
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {text!r}") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
+    parse.__name__ = name
     return parse
 
 
@@ -59,19 +68,19 @@ def _build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--out", type=Path, required=True, help="output folder")
     segment.add_argument("--model", default=None,
                          help="shipped model name (cells, polyps, instruments) or checkpoint file (.pt); "
-                              "None uses the task's default: cells, or polyps for endoscopy")
-    segment.add_argument("--prob-threshold", type=_fraction(0.0, 1.0, "--prob-threshold"),
+                              "default: cells, or polyps for --task endoscopy")
+    segment.add_argument("--prob-threshold", type=_in_range(0.0, 1.0, "--prob-threshold"),
                          default=None,
-                         help="interior probability that seeds an object; None uses the model's tuned value")
+                         help="interior probability (0 to 1) that seeds an object; default: the model's tuned value")
     segment.add_argument("--min-size", type=_integer_at_least(0, "--min-size"), default=None,
-                         help="smallest object kept, in pixels; None uses the model's tuned value")
-    segment.add_argument("--split-depth", type=_fraction(0.0, 50.0, "--split-depth"), default=None,
+                         help="smallest object kept, in pixels; default: the model's tuned value")
+    segment.add_argument("--split-depth", type=_in_range(0.0, 50.0, "--split-depth"), default=None,
                          help="split seeds holding several touching nuclei: the smallest dip, in pixels, of "
                               "the seed's distance map between two nuclei; larger splits less, 0 never "
-                              "splits; None uses the model's value")
+                              "splits (0 to 50); default: the model's tuned value")
     segment.add_argument("--tile-size", type=_integer_at_least(16, "--tile-size"), default=512,
                          help="sliding-window side in pixels")
-    segment.add_argument("--overlap", type=_fraction(0.0, 0.9, "--overlap"), default=0.125,
+    segment.add_argument("--overlap", type=_in_range(0.0, 0.9, "--overlap"), default=0.125,
                          help="fraction of a window shared with its neighbour")
     segment.add_argument("--device", default=None,
                          help="cpu, cuda or mps (Apple GPUs, always float32); None picks cuda when "
@@ -97,7 +106,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("pred_dir", type=Path, help="folder of predicted label images")
     evaluate.add_argument("gt_dir", type=Path, help="folder of ground-truth label images")
     evaluate.add_argument("--csv", type=Path, default=None, help="write per-image rows to this CSV file")
-    evaluate.add_argument("--iou", type=_fraction(0.0, 1.0, "--iou"), default=0.5,
+    evaluate.add_argument("--iou", type=_in_range(0.0, 1.0, "--iou"), default=0.5,
                           help="IoU threshold of a true positive")
     evaluate.add_argument("--border-width", type=_integer_at_least(0, "--border-width"), default=2,
                           help="cells: ignore objects touching this many edge pixels (0 keeps all)")
@@ -138,6 +147,11 @@ def _segment(args: argparse.Namespace) -> int:
     from .batch import BatchOptions, run_batch
 
     _check_device(args.device)
+    given = [flag for flag, value in (("--prob-threshold", args.prob_threshold), ("--min-size", args.min_size),
+                                      ("--split-depth", args.split_depth)) if value is not None]
+    if given and args.task != "cells":
+        print(f"warning: {', '.join(given)} only apply to cell models; --task {args.task} ignores them",
+              file=sys.stderr)
     if not any(item.exists() for item in args.inputs):
         # The same code as a --pattern that matches nothing: no work was possible.
         print(f"error: none of the inputs exist ({', '.join(map(str, args.inputs))}); check the paths",

@@ -110,15 +110,18 @@ def split_seeds(seed_mask: np.ndarray, depth: float) -> np.ndarray:
     markers, n_markers = ndi.label(peaks, structure=_EIGHT)
     split = watershed(-distance, markers=markers, mask=half)
     height, width = seed_mask.shape
-    seeds = np.repeat(np.repeat(split, 2, axis=0), 2, axis=1)[:height, :width] * seed_mask
-    # Regions too thin to survive the subsampling, and pixels of a region the
-    # coarse watershed missed, keep their own component or join the final watershed.
+    coarse = np.repeat(np.repeat(split, 2, axis=0), 2, axis=1)[:height, :width] * seed_mask
+    # Seeds apart at full resolution may touch at half resolution and share a
+    # coarse label, so each seed is one (full-resolution region, coarse label)
+    # pair. Regions too thin to survive the subsampling keep their whole
+    # region; pixels of a split region that no coarse label reached (0) join
+    # the final watershed.
     regions, _ = ndi.label(seed_mask, structure=_EIGHT)
-    covered = np.zeros(regions.max() + 1, bool)
-    covered[regions[seeds > 0]] = True
-    covered[0] = True
-    missing = ~covered[regions]
-    seeds[missing] = regions[missing] + n_markers
+    reached = np.zeros(regions.max() + 1, bool)
+    reached[regions[coarse > 0]] = True
+    pair = regions.astype(np.int64) * (n_markers + 1) + coarse
+    pair[reached[regions] & (coarse == 0)] = 0
+    seeds, _, _ = relabel_sequential(pair)
     return seeds.astype(np.int32, copy=False)
 
 
