@@ -4,7 +4,8 @@
 
 Prints the machine, then the median and minimum wall time of the whole call
 (normalisation, network, post-processing) in float32 and in bfloat16, and of
-the network and the post-processing alone in float32. Each figure comes from
+the network and the post-processing alone in float32, the latter also
+without seed splitting (``split_depth`` 0). Each figure comes from
 ``--repeats`` runs after one warm-up run, interleaved so that machine noise
 hits every row alike.
 """
@@ -64,12 +65,15 @@ def main() -> int:
         "whole call, bfloat16": lambda: segment_image(image, loaded, precision="bfloat16"),
         "network only": lambda: predict_probabilities(image, loaded),
         "post-processing only": lambda: probabilities_to_labels(
-            probabilities, params["prob_threshold"], params["min_size"]
+            probabilities, params["prob_threshold"], params["min_size"], params.get("split_depth", 0.0)
+        ),
+        "post-processing, no split": lambda: probabilities_to_labels(
+            probabilities, params["prob_threshold"], params["min_size"], 0.0
         ),
     }
     rows = time_interleaved(functions, args.repeats)
     for name, seconds in rows.items():
-        print(f"{name:22s} median {statistics.median(seconds):.3f} s   min {min(seconds):.3f} s")
+        print(f"{name:26s} median {statistics.median(seconds):.3f} s   min {min(seconds):.3f} s")
     objects = int(np.max(segment_image(image, loaded).labels))
     print(f"objects found: {objects}")
     return 0

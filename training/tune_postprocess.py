@@ -3,14 +3,14 @@
     python training/tune_postprocess.py src/napari_xlstm_unet/weights/cells_small.pt \
         --config training/configs/cells_small.yaml
 
-The network runs once over the validation split; the seed threshold, minimum
+The network runs once over the validation split. The seed threshold, minimum
 size and split depth are then searched on the grid that training uses
-(``napari_xlstm_unet.training.evaluation``). The checkpoint keeps its weights;
-its ``postprocess`` and the model card's ``val_f1_at_0.5`` are replaced. The
+(``napari_xlstm_unet.training.evaluation``). The checkpoint keeps its weights.
+Its ``postprocess`` and the model card's ``val_f1_at_0.5`` are replaced. The
 card keeps the values from before the first tuning under ``postprocess_before``
 (a second tuning leaves them). Paths in the config are read from the current
-folder, as in training. Use it
-when the post-processing gains a parameter after a model was trained.
+folder, as in training. Use it when the post-processing gains a parameter
+after a model was trained.
 """
 
 from __future__ import annotations

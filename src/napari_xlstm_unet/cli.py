@@ -147,10 +147,10 @@ def _segment(args: argparse.Namespace) -> int:
     from .batch import BatchOptions, run_batch
 
     _check_device(args.device)
-    given = [flag for flag, value in (("--prob-threshold", args.prob_threshold), ("--min-size", args.min_size),
-                                      ("--split-depth", args.split_depth)) if value is not None]
-    if given and args.task != "cells":
-        print(f"warning: {', '.join(given)} only apply to cell models; --task {args.task} ignores them",
+    cell_flags = [flag for flag, value in (("--prob-threshold", args.prob_threshold), ("--min-size", args.min_size),
+                                           ("--split-depth", args.split_depth)) if value is not None]
+    if cell_flags and args.task != "cells":
+        print(f"warning: {', '.join(cell_flags)} only apply to cell models; --task {args.task} ignores them",
               file=sys.stderr)
     if not any(item.exists() for item in args.inputs):
         # The same code as a --pattern that matches nothing: no work was possible.
