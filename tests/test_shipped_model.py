@@ -13,13 +13,14 @@ from napari_xlstm_unet.inference.predict import segment_image
 from napari_xlstm_unet.metrics import match_instances
 from napari_xlstm_unet.pretrained import load_model
 
-# F1 measured when the model shipped: 0.770 on the dense sample (273
-# nuclei) and 0.750 on the stained-tissue tile. The floors sit a little lower
+# F1 measured with the shipped weights and post-processing (seed splitting
+# included): 0.771 on the dense sample (273 nuclei) and 0.775 on the
+# stained-tissue tile. The floors sit a little lower
 # to absorb numeric differences between machines, not model changes.
 SAMPLE_NAME = "dsb2018s1test_432f367a4c5b"
 SAMPLE_MIN_F1 = 0.75
 STAINED_NAME = "dsb2018s1train_5c6eb9a47852"
-STAINED_MIN_F1 = 0.72
+STAINED_MIN_F1 = 0.75
 CASES_TO_SCORE = [
     ("microscopy", SAMPLE_NAME, SAMPLE_MIN_F1),
     ("microscopy-extra", STAINED_NAME, STAINED_MIN_F1),
