@@ -121,7 +121,7 @@ def test_cell_settings_with_the_endoscopy_task_warn(tmp_path, capsys):
     code = main(["segment", str(tmp_path / "nope.png"), "--out", str(tmp_path / "out"), "--task", "endoscopy",
                  "--split-depth", "3", "--min-size", "5"])
     assert code == 2  # the input does not exist; the warning comes first
-    assert "warning: --min-size, --split-depth only apply to cell models; --task endoscopy ignores them" \
+    assert "warning: --min-size, --split-depth apply only to cell models; --task endoscopy ignores them" \
         in capsys.readouterr().err
 
 

@@ -154,3 +154,22 @@ def test_remove_small_matches_the_min_size_of_the_full_path():
 def test_negative_split_depth_is_refused():
     with pytest.raises(ValueError, match="split_depth is a distance in pixels, at least 0.*got -1"):
         probabilities_to_labels(three_class(np.ones((4, 4)), np.zeros((4, 4))), split_depth=-1.0)
+
+
+def test_split_seeds_keeps_parts_joined_only_at_a_corner():
+    mask = np.zeros((40, 40), bool)
+    mask[4:19, 4:19] = True
+    mask[19:34, 19:34] = True  # touches the first square at one corner only
+    whole = probabilities_to_labels(three_class(mask * 0.9, np.zeros(mask.shape)), 0.5, 0)
+    for depth in (0.5, 2.0, 5.0):
+        labels = probabilities_to_labels(three_class(mask * 0.9, np.zeros(mask.shape)), 0.5, 0, depth)
+        assert ((labels > 0) == (whole > 0)).all()  # no pixel is lost
+        assert labels.max() >= whole.max()
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (0, 5), (1, 1)])
+def test_split_seeds_on_tiny_and_empty_images(shape):
+    probabilities = three_class(np.full(shape, 0.9), np.zeros(shape))
+    labels = probabilities_to_labels(probabilities, 0.5, 0, split_depth=2.0)
+    assert labels.shape == shape
+    np.testing.assert_array_equal(labels, probabilities_to_labels(probabilities, 0.5, 0))

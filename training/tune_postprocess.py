@@ -20,6 +20,8 @@ import logging
 import sys
 from pathlib import Path
 
+import yaml
+
 from napari_xlstm_unet.model.checkpoint import load_checkpoint, save_checkpoint
 from napari_xlstm_unet.training.config import load_config
 from napari_xlstm_unet.training.data import load_sample, resolve_splits
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_checkpoint(args.checkpoint)
         config = load_config(args.config)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, yaml.YAMLError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if loaded.task != "cells":

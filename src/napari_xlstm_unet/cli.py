@@ -90,7 +90,7 @@ def _build_parser() -> argparse.ArgumentParser:
                               "native bfloat16 (AVX512-BF16, AMX) and on recent GPUs")
     segment.add_argument("--mirror", action="store_true",
                          help="test-time mirroring: average over the 4 mirror images of each window "
-                              "(4 network passes; 6.5 times slower on 2 CPU cores)")
+                              "(4 network passes; about 5 times slower on 2 CPU cores)")
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
     segment.add_argument("--recursive", action="store_true", help="also segment images in subfolders")
     segment.add_argument("--pattern", default="*", help="only files whose name matches, for example '*.tif'")
@@ -150,8 +150,9 @@ def _segment(args: argparse.Namespace) -> int:
     cell_flags = [flag for flag, value in (("--prob-threshold", args.prob_threshold), ("--min-size", args.min_size),
                                            ("--split-depth", args.split_depth)) if value is not None]
     if cell_flags and args.task != "cells":
-        print(f"warning: {', '.join(cell_flags)} only apply to cell models; --task {args.task} ignores them",
-              file=sys.stderr)
+        verb = "applies" if len(cell_flags) == 1 else "apply"
+        print(f"warning: {', '.join(cell_flags)} {verb} only to cell models; --task {args.task} ignores "
+              f"{'it' if len(cell_flags) == 1 else 'them'}", file=sys.stderr)
     if not any(item.exists() for item in args.inputs):
         # The same code as a --pattern that matches nothing: no work was possible.
         print(f"error: none of the inputs exist ({', '.join(map(str, args.inputs))}); check the paths",

@@ -98,6 +98,8 @@ def split_seeds(seed_mask: np.ndarray, depth: float) -> np.ndarray:
         0 outside the mask, 1..N for the seeds.
     """
     seed_mask = np.asarray(seed_mask, dtype=bool)
+    if not seed_mask.any():
+        return np.zeros(seed_mask.shape, np.int32)
     half = seed_mask[::2, ::2]
     distance = ndi.gaussian_filter(ndi.distance_transform_edt(half), SPLIT_SMOOTHING / 2)
     # h-maxima as the regional maxima of the reconstruction of (distance - h)
@@ -122,6 +124,20 @@ def split_seeds(seed_mask: np.ndarray, depth: float) -> np.ndarray:
     pair = regions.astype(np.int64) * (n_markers + 1) + coarse
     pair[reached[regions] & (coarse == 0)] = 0
     seeds, _, _ = relabel_sequential(pair)
+    unreached = seed_mask & (seeds == 0)
+    if unreached.any():
+        # The final watershed moves along edges only. Unreached pixels with no
+        # labelled pixel in their edge-connected part of the mask (a part
+        # joined to the rest by a corner alone) would be lost, so they take
+        # the label of a neighbour across corners here.
+        edge_parts, _ = ndi.label(seed_mask)
+        has_seed = np.zeros(edge_parts.max() + 1, bool)
+        has_seed[edge_parts[seeds > 0]] = True
+        stranded = unreached & ~has_seed[edge_parts]
+        if stranded.any():
+            filled = watershed(np.zeros(seed_mask.shape, np.float32), markers=seeds, mask=seed_mask,
+                               connectivity=2)
+            seeds = np.where(stranded, filled, seeds)
     return seeds.astype(np.int32, copy=False)
 
 
