@@ -319,6 +319,11 @@ def test_tune_postprocess_script_rewrites_only_the_post_processing(tmp_path, cap
                          tuned.postprocess["split_depth"])
     assert tuned.model_card["val_f1_at_0.5"] == round(float(np.mean([r["f1"] for r in scores])), 4)
     assert str(checkpoint) in capsys.readouterr().out
+    # Tuning again finds the same values and leaves the file as it is.
+    written = checkpoint.read_bytes()
+    assert tune_postprocess.main([str(checkpoint), "--config", str(config), "--threads", "2"]) == 0
+    assert "unchanged" in capsys.readouterr().out
+    assert checkpoint.read_bytes() == written
 
 
 def test_tune_postprocess_script_refuses_wrong_models_and_data(tmp_path, capsys):

@@ -8,9 +8,10 @@ size and split depth are then searched on the grid that training uses
 (``napari_xlstm_unet.training.evaluation``). The checkpoint keeps its weights.
 Its ``postprocess`` and the model card's ``val_f1_at_0.5`` are replaced. The
 card keeps the values from before the first tuning under ``postprocess_before``
-(a second tuning leaves them). Paths in the config are read from the current
-folder, as in training. Use it when the post-processing gains a parameter
-after a model was trained.
+(a second tuning leaves them). When nothing changes, the file is left
+untouched. Paths in the config are read from the current folder, as in
+training. Use it when the post-processing gains a parameter after a model
+was trained.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     before = dict(loaded.postprocess)
     tuned, f1 = tune_postprocess(probabilities, samples, before)
     logger.info("%d validation images: %s gives mean F1 %.4f (was %s)", len(samples), tuned, f1, before)
+    if tuned == before and loaded.model_card.get("val_f1_at_0.5") == round(f1, 4):
+        # Nothing to store: leave the file (and its SHA-256) as it is.
+        print(f"{args.checkpoint}: post-processing {tuned} unchanged, validation F1 {f1:.4f}")
+        return 0
     loaded.postprocess = tuned
     loaded.model_card.setdefault("postprocess_before", before)
     loaded.model_card["val_f1_at_0.5"] = round(f1, 4)
