@@ -95,7 +95,9 @@ def split_seeds(seed_mask: np.ndarray, depth: float) -> np.ndarray:
     Returns
     -------
     numpy.ndarray of int32, shape (H, W)
-        0 outside the mask, 1..N for the seeds.
+        1..N for the seeds; 0 outside the mask, and on mask pixels that no
+        coarse label reached but that the final watershed of
+        :func:`probabilities_to_labels` reaches along edges.
     """
     seed_mask = np.asarray(seed_mask, dtype=bool)
     if not seed_mask.any():
