@@ -354,12 +354,12 @@ def iter_run_batch(inputs: list[str | os.PathLike], options: BatchOptions,
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output folder {out_dir} is an existing file; give a folder")
     # A missing input fails on its own, with a row in the results CSV, and the rest still run.
+    present = [Path(item) for item in inputs if Path(item).exists()]
     missing = [Path(item) for item in inputs if not Path(item).exists()]
-    found = find_images([item for item in inputs if Path(item).exists()], options.recursive, options.pattern,
-                        exclude=out_dir)
-    plan = plan_outputs(found, out_dir, options.recursive)
-    if len(missing) == len(inputs):
+    if not present:
         raise FileNotFoundError(f"none of the inputs exist ({', '.join(map(str, missing))}); check the paths")
+    found = find_images(present, options.recursive, options.pattern, exclude=out_dir)
+    plan = plan_outputs(found, out_dir, options.recursive)
     if not plan:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) matching {options.pattern!r} "
                                 f"found in {', '.join(map(str, inputs))}")

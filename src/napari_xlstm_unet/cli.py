@@ -19,8 +19,8 @@ __all__ = ["main"]
 logger = logging.getLogger(__name__)
 
 
-def _in_range(low: float, high: float, name: str):
-    # argparse prefixes "argument NAME: " to the message; ``name`` only names the parser.
+def _in_range(low: float, high: float):
+    # argparse puts "argument --NAME: " before these messages.
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -29,11 +29,10 @@ def _in_range(low: float, high: float, name: str):
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must lie in [{low:g}, {high:g}], got {value:g}")
         return value
-    parse.__name__ = name
     return parse
 
 
-def _integer_at_least(minimum: int, name: str):
+def _integer_at_least(minimum: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -42,7 +41,6 @@ def _integer_at_least(minimum: int, name: str):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
-    parse.__name__ = name
     return parse
 
 
@@ -69,18 +67,18 @@ def _build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--model", default=None,
                          help="shipped model name (cells, polyps, instruments) or checkpoint file (.pt); "
                               "default: cells, or polyps for --task endoscopy")
-    segment.add_argument("--prob-threshold", type=_in_range(0.0, 1.0, "--prob-threshold"),
+    segment.add_argument("--prob-threshold", type=_in_range(0.0, 1.0),
                          default=None,
                          help="interior probability (0 to 1) that seeds an object; default: the model's tuned value")
-    segment.add_argument("--min-size", type=_integer_at_least(0, "--min-size"), default=None,
+    segment.add_argument("--min-size", type=_integer_at_least(0), default=None,
                          help="smallest object kept, in pixels; default: the model's tuned value")
-    segment.add_argument("--split-depth", type=_in_range(0.0, 50.0, "--split-depth"), default=None,
+    segment.add_argument("--split-depth", type=_in_range(0.0, 50.0), default=None,
                          help="split seeds holding several touching nuclei: the smallest dip, in pixels, of "
                               "the seed's distance map between two nuclei; larger splits less, 0 never "
                               "splits (0 to 50); default: the model's tuned value")
-    segment.add_argument("--tile-size", type=_integer_at_least(16, "--tile-size"), default=512,
+    segment.add_argument("--tile-size", type=_integer_at_least(16), default=512,
                          help="sliding-window side in pixels")
-    segment.add_argument("--overlap", type=_in_range(0.0, 0.9, "--overlap"), default=0.125,
+    segment.add_argument("--overlap", type=_in_range(0.0, 0.9), default=0.125,
                          help="fraction of a window shared with its neighbour")
     segment.add_argument("--device", default=None,
                          help="cpu, cuda or mps (Apple GPUs, always float32); None picks cuda when "
@@ -106,9 +104,9 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("pred_dir", type=Path, help="folder of predicted label images")
     evaluate.add_argument("gt_dir", type=Path, help="folder of ground-truth label images")
     evaluate.add_argument("--csv", type=Path, default=None, help="write per-image rows to this CSV file")
-    evaluate.add_argument("--iou", type=_in_range(0.0, 1.0, "--iou"), default=0.5,
+    evaluate.add_argument("--iou", type=_in_range(0.0, 1.0), default=0.5,
                           help="IoU threshold of a true positive")
-    evaluate.add_argument("--border-width", type=_integer_at_least(0, "--border-width"), default=2,
+    evaluate.add_argument("--border-width", type=_integer_at_least(0), default=2,
                           help="cells: ignore objects touching this many edge pixels (0 keeps all)")
     evaluate.add_argument("--tolerance", type=float, default=2.0,
                           help="endoscopy: NSD tolerance in pixels")
@@ -153,11 +151,6 @@ def _segment(args: argparse.Namespace) -> int:
         verb = "applies" if len(cell_flags) == 1 else "apply"
         print(f"warning: {', '.join(cell_flags)} {verb} only to cell models; --task {args.task} ignores "
               f"{'it' if len(cell_flags) == 1 else 'them'}", file=sys.stderr)
-    if not any(item.exists() for item in args.inputs):
-        # The same code as a --pattern that matches nothing: no work was possible.
-        print(f"error: none of the inputs exist ({', '.join(map(str, args.inputs))}); check the paths",
-              file=sys.stderr)
-        return 2
     options = BatchOptions(
         out_dir=args.out, task=args.task, model=args.model, recursive=args.recursive, pattern=args.pattern,
         gt_dir=args.gt_dir, overwrite=args.overwrite, prob_threshold=args.prob_threshold,
