@@ -160,7 +160,7 @@ def test_torchrun_splits_files_across_two_processes(tmp_path):
     assert json.loads((out / "run.json").read_text())["processes"] == 2
 
 
-def test_batch_with_only_missing_inputs_names_them(tmp_path):
+def test_batch_all_inputs_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"none of the inputs exist \(.*a\.tif, .*b\.tif\)"):
         run_batch([tmp_path / "a.tif", tmp_path / "b.tif"], BatchOptions(out_dir=tmp_path / "out"))
     assert not (tmp_path / "out").exists()

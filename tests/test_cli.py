@@ -117,7 +117,7 @@ def test_invalid_settings_rejected_up_front(tmp_path, option, value, message, ca
     assert f"argument {option}: {message}" in capsys.readouterr().err
 
 
-def test_cell_settings_with_the_endoscopy_task_warn(tmp_path, capsys):
+def test_cell_flags_warn_for_endoscopy(tmp_path, capsys):
     code = main(["segment", str(tmp_path / "nope.png"), "--out", str(tmp_path / "out"), "--task", "endoscopy",
                  "--split-depth", "3", "--min-size", "5"])
     assert code == 2  # the input does not exist; the warning comes first
@@ -263,7 +263,7 @@ def test_evaluate_warns_on_raw_images(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path)]) == 2  # no names in common
 
 
-def test_split_depth_flag_reaches_the_post_processing(tmp_path):
+def test_split_depth_flag_reaches_labels(tmp_path):
     from napari_xlstm_unet.inference.predict import segment_image
     from napari_xlstm_unet.pretrained import load_model
 

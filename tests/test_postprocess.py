@@ -91,7 +91,7 @@ def _disks(shape, centres, radius):
     return np.any([(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2 for cy, cx in centres], axis=0)
 
 
-def test_split_depth_separates_two_overlapping_nuclei():
+def test_split_depth_separates_overlapping_disks():
     # Disks of radius 12, centres 20 px apart: the neck is 13 px wide. After
     # the 2-px smoothing the distance map dips by between 3 and 4 px there.
     seed = _disks((48, 72), [(24, 24), (24, 44)], 12)
@@ -99,16 +99,18 @@ def test_split_depth_separates_two_overlapping_nuclei():
     whole = probabilities_to_labels(probabilities, 0.5, min_size=0)
     split = probabilities_to_labels(probabilities, 0.5, min_size=0, split_depth=2.0)
     too_deep = probabilities_to_labels(probabilities, 0.5, min_size=0, split_depth=4.0)
-    assert whole.max() == 1 and too_deep.max() == 1
+    assert whole.max() == 1
+    assert too_deep.max() == 1
     assert split.max() == 2
     assert split[24, 24] != split[24, 44]
     assert ((split > 0) == seed).all()  # splitting moves no pixel in or out
     # The cut lies at the neck, half-way between the centres.
-    assert split[24, 32] == split[24, 24] and split[24, 36] == split[24, 44]
+    assert split[24, 32] == split[24, 24]
+    assert split[24, 36] == split[24, 44]
 
 
 @pytest.mark.parametrize("radii", [(10, 10), (12, 5)])
-def test_split_depth_keeps_round_and_elongated_nuclei_whole(radii):
+def test_split_depth_keeps_single_nuclei(radii):
     yy, xx = np.mgrid[:40, :40]
     seed = ((yy - 20) / radii[0]) ** 2 + ((xx - 20) / radii[1]) ** 2 <= 1
     labels = probabilities_to_labels(three_class(seed * 0.9, np.zeros(seed.shape)), 0.5, 0, split_depth=2.0)
@@ -116,29 +118,31 @@ def test_split_depth_keeps_round_and_elongated_nuclei_whole(radii):
     assert ((labels > 0) == seed).all()
 
 
-def test_split_seeds_keeps_regions_the_half_resolution_grid_misses():
+def test_split_seeds_keeps_thin_regions():
     mask = np.zeros((12, 40), bool)
     mask[5, 3:31] = True  # one pixel wide, on an odd row: absent from mask[::2, ::2]
     mask[2:10, 34:38] = True
     seeds = split_seeds(mask, 2.0)
     assert seeds.dtype == np.int32
-    assert len(np.unique(seeds[mask])) == 2 and (seeds[~mask] == 0).all()
+    assert len(np.unique(seeds[mask])) == 2
+    assert (seeds[~mask] == 0).all()
     assert (seeds[5, 3:31] == seeds[5, 3]).all()
 
 
 @pytest.mark.parametrize("depth", [0.5, 2.0, 5.0, 50.0])
-def test_split_seeds_keeps_seeds_apart_that_touch_at_half_resolution(depth):
+def test_split_seeds_keeps_one_pixel_gap(depth):
     mask = np.zeros((20, 30), bool)
     mask[4:16, 2:11] = True
     mask[4:16, 12:21] = True  # a one-pixel gap at column 11, which mask[::2, ::2] skips
     seeds = split_seeds(mask, depth)
     assert len(np.unique(seeds[mask])) == 2
-    assert (seeds[4:16, 2:11] == seeds[4, 2]).all() and (seeds[4:16, 12:21] == seeds[4, 12]).all()
+    assert (seeds[4:16, 2:11] == seeds[4, 2]).all()
+    assert (seeds[4:16, 12:21] == seeds[4, 12]).all()
     labels = probabilities_to_labels(three_class(mask * 0.9, np.zeros(mask.shape)), 0.5, 0, depth)
     assert labels.max() == 2
 
 
-def test_remove_small_matches_the_min_size_of_the_full_path():
+def test_remove_small_matches_min_size():
     interior = np.zeros((30, 30))
     interior[1:4, 1:4] = 0.9  # 9 pixels
     interior[10:20, 10:20] = 0.9  # 100 pixels
@@ -151,12 +155,12 @@ def test_remove_small_matches_the_min_size_of_the_full_path():
     assert remove_small(unfiltered, 10).max() == 2
 
 
-def test_negative_split_depth_is_refused():
+def test_negative_split_depth_rejected():
     with pytest.raises(ValueError, match="split_depth is a distance in pixels, at least 0.*got -1"):
         probabilities_to_labels(three_class(np.ones((4, 4)), np.zeros((4, 4))), split_depth=-1.0)
 
 
-def test_split_seeds_keeps_parts_joined_only_at_a_corner():
+def test_split_seeds_keeps_corner_joined_parts():
     mask = np.zeros((40, 40), bool)
     mask[4:19, 4:19] = True
     mask[19:34, 19:34] = True  # touches the first square at one corner only
@@ -168,7 +172,7 @@ def test_split_seeds_keeps_parts_joined_only_at_a_corner():
 
 
 @pytest.mark.parametrize("shape", [(0, 0), (0, 5), (1, 1)])
-def test_split_seeds_on_tiny_and_empty_images(shape):
+def test_split_seeds_tiny_and_empty(shape):
     probabilities = three_class(np.full(shape, 0.9), np.zeros(shape))
     labels = probabilities_to_labels(probabilities, 0.5, 0, split_depth=2.0)
     assert labels.shape == shape

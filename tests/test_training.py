@@ -280,7 +280,7 @@ def test_colour_jitter_affine_per_channel():
                                   intensity_augment(np.random.default_rng(0), grey))
 
 
-def test_stain_change_scales_pure_haematoxylin_by_the_drawn_gain():
+def test_stain_augment_pure_haematoxylin_gain():
     from skimage.color import rgb_from_hed
 
     # Pixels of pure haematoxylin at concentrations 0.02 to 0.2 (skimage's
@@ -297,7 +297,7 @@ def test_stain_change_scales_pure_haematoxylin_by_the_drawn_gain():
     assert np.abs(out - rgb).max() > 1e-3
 
 
-def test_stain_change_keeps_grey_and_out_of_range_pixels():
+def test_stain_augment_keeps_grey_and_outliers():
     ramp = np.linspace(-0.2, 1.3, 64, dtype=np.float32).reshape(1, 8, 8)
     grey = np.concatenate([ramp, ramp, ramp])
     rng = np.random.default_rng(0)
@@ -312,10 +312,11 @@ def test_stain_change_keeps_grey_and_out_of_range_pixels():
     np.testing.assert_allclose(changed, stain_augment(np.random.default_rng(3), inside) + (colour - inside),
                                atol=1e-6)
     assert np.abs(changed - colour).max() > 1e-3
-    assert np.isfinite(changed).all() and changed.dtype == np.float32
+    assert np.isfinite(changed).all()
+    assert changed.dtype == np.float32
 
 
-def test_stain_jitter_off_keeps_the_patches():
+def test_stain_jitter_off_keeps_patches():
     image = np.random.default_rng(0).random((3, 40, 40)).astype(np.float32)
     sample = _disk_sample(40)
     sample.image = image
@@ -365,7 +366,7 @@ def test_time_stack_training_image_is_rejected_by_name(tmp_path):
         load_sample(Pair(case / "br04_tyx_imagej.tif", tmp_path / "frame0_mask.tif"), "cells", 3, {})
 
 
-def test_tuning_chooses_seed_splitting_only_when_it_scores_higher():
+def test_tuning_picks_split_depth_by_f1():
     from napari_xlstm_unet.training.evaluation import tune_postprocess
 
     yy, xx = np.mgrid[:48, :72]
@@ -377,9 +378,11 @@ def test_tuning_chooses_seed_splitting_only_when_it_scores_higher():
     start = {"prob_threshold": 0.5, "min_size": 16, "split_depth": 0.0}
     tuned, f1 = tune_postprocess([probabilities], [sample], start)
     # Two touching disks: only a split depth of 2 finds both (F1 1 against 0).
-    assert tuned["split_depth"] == 2.0 and f1 == 1.0
+    assert tuned["split_depth"] == 2.0
+    assert f1 == 1.0
     # One disk alone: every split depth scores 1, so the tie keeps the start value.
     alone = np.where(truth == 1, 1, 0).astype(np.int32)
     single = np.stack([1 - first * 0.9, first * 0.9, np.zeros_like(interior)]).astype(np.float32)
     tuned, f1 = tune_postprocess([single], [Sample("one", sample.image, instances_to_classes(alone), alone)], start)
-    assert tuned == start and f1 == 1.0
+    assert tuned == start
+    assert f1 == 1.0

@@ -281,7 +281,7 @@ def test_resume_without_average_fails(tmp_path, caplog):
     assert "train.ema_decay=0" in caplog.text
 
 
-def test_tune_postprocess_script_rewrites_only_the_post_processing(tmp_path, capsys):
+def test_tune_script_rewrites_postprocess(tmp_path, capsys):
     from napari_xlstm_unet.pretrained import resolve_model_path
     from napari_xlstm_unet.training.data import load_sample, resolve_splits
     from napari_xlstm_unet.training.evaluation import cell_scores, predict_all
@@ -305,7 +305,8 @@ def test_tune_postprocess_script_rewrites_only_the_post_processing(tmp_path, cap
 
     assert tune_postprocess.main([str(checkpoint), "--config", str(config), "--threads", "2"]) == 0
     tuned = load_checkpoint(checkpoint)
-    # The shipped card already holds the values from before its first tuning; a second tuning keeps them.
+    # The shipped card already contains the values from before its first tuning.
+    # A second tuning keeps them.
     assert tuned.model_card["postprocess_before"] == {"prob_threshold": 0.8, "min_size": 48, "split_depth": 0.0}
     assert tuned.model_card["postprocess_before"] == loaded.model_card["postprocess_before"]
     assert set(tuned.postprocess) == set(before)
@@ -326,7 +327,7 @@ def test_tune_postprocess_script_rewrites_only_the_post_processing(tmp_path, cap
     assert checkpoint.read_bytes() == written
 
 
-def test_tune_postprocess_script_refuses_wrong_models_and_data(tmp_path, capsys):
+def test_tune_script_rejects_bad_inputs(tmp_path, capsys):
     from napari_xlstm_unet.pretrained import resolve_model_path
 
     config = tmp_path / "config.yaml"

@@ -116,10 +116,9 @@ def split_seeds(seed_mask: np.ndarray, depth: float) -> np.ndarray:
     height, width = seed_mask.shape
     coarse = np.repeat(np.repeat(split, 2, axis=0), 2, axis=1)[:height, :width] * seed_mask
     # Seeds apart at full resolution may touch at half resolution and share a
-    # coarse label, so each seed is one (full-resolution region, coarse label)
-    # pair. Regions too thin to survive the subsampling keep their whole
-    # region; pixels of a split region that no coarse label reached (0) join
-    # the final watershed.
+    # coarse label, so each seed is one (full-resolution region, coarse label) pair.
+    # A region too thin to survive the subsampling stays one seed. Pixels of a
+    # split region that no coarse label reached are set to 0 and left to the final watershed.
     regions, _ = ndi.label(seed_mask, structure=_EIGHT)
     reached = np.zeros(regions.max() + 1, bool)
     reached[regions[coarse > 0]] = True

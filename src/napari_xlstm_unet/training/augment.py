@@ -210,12 +210,13 @@ def stain_augment(rng: np.random.Generator, image: np.ndarray, gain: float = 0.1
     The patch is split into haematoxylin, eosin and DAB concentrations with
     skimage's ``hed_from_rgb`` stain matrix (Ruifrok and Johnston 2001). Each
     concentration is scaled by a gain drawn from 1 +- ``gain`` and shifted by
-    an offset drawn from +- ``offset``. (In a typical H&E tile they span
-    about 0 to 0.2.) Then the patch goes back to RGB. Unlike a per-channel gain, this mixes the
-    RGB channels, so the per-channel percentile normalisation at inference does
-    not undo it. Values outside [0.01, 1] pass through unchanged. Patches that are
-    not 3-channel colour (all channels equal, as for grey images read as RGB)
-    are returned unchanged without drawing from ``rng``.
+    an offset drawn from +- ``offset``. (In the DSB2018 H&E tiles they span
+    about 0 to 0.2.) Then the patch goes back to RGB. Unlike a per-channel
+    gain, this mixes the RGB channels, so the per-channel percentile
+    normalisation at inference does not undo it. Values outside [0.01, 1]
+    pass through unchanged. Patches that are not 3-channel colour (all
+    channels equal, as for grey images read as RGB) are returned unchanged
+    without drawing from ``rng``.
 
     Parameters
     ----------

@@ -19,8 +19,8 @@ logger = logging.getLogger(__name__)
 
 THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_SIZE_GRID = (0, 8, 16, 32, 48, 64)
-# 0 = seeds kept whole; 2 px was the middle of a plateau of equal validation
-# F1 (1.5 to 3 px) for the cell model shipped on 2026-12-05.
+# 0 keeps seeds whole. On the shipped cell model's validation split, F1 was
+# about flat from 1.5 to 3 px (an estimate from one sweep), so 2 px stands for that range.
 SPLIT_DEPTH_GRID = (0.0, 2.0)
 
 
