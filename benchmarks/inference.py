@@ -10,13 +10,17 @@ Sections, all measured in one run so that ratios compare like with like:
    the share of this machine's float32 matrix-multiply rate that the network
    reaches: network FLOPs (``torch.utils.flop_counter``) / time / measured
    GEMM FLOP/s.
-2. Peak resident memory and time of the shipped cell model through the tiled
-   predictor on square images of 512 to 4096 pixels, each in a fresh
-   process whose peak is reset just before the call (Linux only). Each size
-   runs twice, side by side: with windows fitted to the image (the default)
-   and with fixed 512-pixel windows. Time is also given per computed
-   megapixel (the sum of the window areas), since overlapping windows make
-   the work grow in steps with the image size.
+2. Peak resident memory and time of the shipped cell model on square images
+   of 512 to 4096 pixels, each in a fresh process whose peak is reset just
+   before the call (Linux only). ``--memory-modes`` picks what runs: the
+   tiled predictor on a random 3-channel float32 image (``predictor``, with
+   fitted windows; ``fixed``, with 512-pixel windows), and the whole
+   ``segment_image`` call on the grey uint16 nuclei sample repeated to the
+   size (``segment``). Each row also gives the working memory: the peak
+   minus the resident memory before the call (which holds the input) and
+   minus the returned arrays. Time is also given per computed megapixel
+   (the sum of the window areas), since overlapping windows make the work
+   grow in steps with the image size.
 3. A peer: cellpose's U-Net (``cellpose.resnet_torch.CPnet``, built without
    weights) on the same 512 x 512 input, when the ``cellpose`` package is
    installed (``pip install 'cellpose<4'``); otherwise the row is marked as
@@ -35,14 +39,17 @@ import statistics
 import subprocess
 import sys
 import time
+from importlib.resources import files
 
 import numpy as np
+import tifffile
 import torch
 
 from napari_xlstm_unet.inference.tiling import count_windows, fitted_side, predict_tiled
 from napari_xlstm_unet.model import build_model, preset
 
 PLACEMENTS = ("none", "bot", "enc", "full")
+MEMORY_MODES = ("predictor", "fixed", "segment")
 TRAIN_PATCH = {"small": (8, 192), "reference": (2, 512)}  # (batch, patch side)
 
 
@@ -100,26 +107,42 @@ def speed_rows(args, gemm: float) -> list[dict]:
     return rows
 
 
-def _memory_child(side: int, threads: int, windows: str) -> None:
+def _memory_child(side: int, threads: int, mode: str) -> None:
     torch.set_num_threads(threads)
+    from napari_xlstm_unet.inference.predict import segment_image
     from napari_xlstm_unet.pretrained import load_model
 
     loaded = load_model("cells", device="cpu")
     predict_tiled(loaded.model, np.zeros((3, 64, 64), np.float32), 3, tile_size=512)  # warm-up
-    image = np.random.default_rng(0).random((3, side, side), dtype=np.float32)
+    if mode == "segment":
+        # The shipped nuclei sample (uint16, grey) repeated to the size: real
+        # objects for the post-processing, which noise would not give.
+        sample = tifffile.imread(files("napari_xlstm_unet") / "sample_data" / "nuclei_dsb2018.tif")
+        reps = -(-side // min(sample.shape))
+        image = np.ascontiguousarray(np.tile(sample, (reps, reps))[:side, :side])
+    else:
+        image = np.random.default_rng(0).random((3, side, side), dtype=np.float32)
     # ru_maxrss survives fork and exec, so it can report the parent's peak.
     # Linux resets this process's own peak (VmHWM) on writing 5 to clear_refs.
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
     before_mb = _status_mb("VmRSS")
-    fit = windows == "fitted"
+    fit = mode != "fixed"
     multiple = loaded.config.total_stride
     start = time.perf_counter()
-    predict_tiled(loaded.model, image, 3, tile_size=512, device="cpu", fit_windows=fit, multiple=multiple)
+    if mode == "segment":
+        result = segment_image(image, loaded)
+        output_bytes = result.labels.nbytes + result.probabilities.nbytes
+    else:
+        output_bytes = predict_tiled(loaded.model, image, 3, tile_size=512, device="cpu", fit_windows=fit,
+                                     multiple=multiple).nbytes
     seconds = time.perf_counter() - start
     window_side = fitted_side(side, 512, 0.125, multiple) if fit else min(side, 512)
     count = count_windows(side, side, 512, 0.125)
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": _status_mb("VmHWM"), "rss_before_mb": before_mb,
+    peak_mb = _status_mb("VmHWM")
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "rss_before_mb": before_mb,
+                      "output_mb": output_bytes / 2**20,
+                      "working_mb": peak_mb - before_mb - output_bytes / 2**20,
                       "windows": count, "window_side": window_side,
                       "computed_megapixels": count * window_side**2 / 1e6}))
 
@@ -135,15 +158,16 @@ def _status_mb(field: str) -> float:
 def memory_rows(args) -> list[dict]:
     rows = []
     for side in args.memory_sides:
-        for windows in ("fitted", "fixed"):
+        for mode in args.memory_modes:
             command = [sys.executable, __file__, "--memory-child", str(side), "--threads", str(args.threads),
-                       "--windows", windows]
+                       "--memory-modes", mode]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             result = json.loads(output.strip().splitlines()[-1])
-            rows.append({"section": "memory", "side": side, "windows_mode": windows, "megapixels": side * side / 1e6,
+            rows.append({"section": "memory", "side": side, "mode": mode, "megapixels": side * side / 1e6,
                          **result, "s_per_megapixel": result["seconds"] / (side * side / 1e6),
                          "s_per_computed_megapixel": result["seconds"] / result["computed_megapixels"]})
-            print(f"  memory {side} {windows}: {result['seconds']:.2f} s, {result['peak_rss_mb']:.0f} MB",
+            print(f"  memory {side} {mode}: {result['seconds']:.2f} s, {result['peak_rss_mb']:.0f} MB peak, "
+                  f"{result['working_mb']:.0f} MB above input and output",
                   file=sys.stderr, flush=True)
     return rows
 
@@ -200,11 +224,14 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", nargs="+", default=["speed", "memory", "peer", "training"])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--windows", choices=["fitted", "fixed"], default="fitted", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-modes", nargs="+", choices=MEMORY_MODES, default=["predictor", "segment"],
+                        help="predictor: the tiled predictor on a random 3-channel float32 image, windows "
+                             "fitted; fixed: the same with fixed 512-pixel windows; segment: the whole "
+                             "segment_image call on the grey uint16 nuclei sample repeated to the size")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        _memory_child(args.memory_child, args.threads, args.windows)
+        _memory_child(args.memory_child, args.threads, args.memory_modes[0])
         return 0
 
     gemm = gemm_flops_per_second()

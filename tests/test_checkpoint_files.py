@@ -31,3 +31,15 @@ def test_plain_dict_is_not_a_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(3)}, path)
     with pytest.raises(ValueError, match="expected format"):
         load_checkpoint(path)
+
+
+def test_folder_checkpoint_says_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path)
+
+
+def test_folder_model_says_folder(tmp_path):
+    from napari_xlstm_unet.pretrained import resolve_model_path
+
+    with pytest.raises(FileNotFoundError, match="best.pt and last.pt"):
+        resolve_model_path(tmp_path)

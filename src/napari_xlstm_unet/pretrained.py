@@ -56,6 +56,11 @@ def resolve_model_path(model: str | os.PathLike | None = None) -> Path:
             )
         return path
     path = Path(model)
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"model {str(model)!r} is a folder, not a checkpoint file; give the .pt file in it "
+            "(a training run writes best.pt and last.pt)"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"model {str(model)!r} is neither a shipped model ({', '.join(available_models())}) "

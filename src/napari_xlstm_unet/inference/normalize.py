@@ -69,8 +69,9 @@ def to_channels_first(
 def match_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
     """Adapt a (C, H, W) image to the network's channel count.
 
-    Grey is repeated (1 -> 3), a missing third channel is zero-filled (2 -> 3),
-    and several channels are averaged when the network reads one.
+    Grey is repeated (1 -> 3) as a read-only view that stores the pixels
+    once, a missing third channel is zero-filled (2 -> 3), and several
+    channels are averaged when the network reads one.
     """
     channels = image.shape[0]
     if channels == in_channels:
@@ -78,11 +79,16 @@ def match_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
     if in_channels == 1:
         return image.mean(axis=0, keepdims=True)
     if channels == 1:
-        return np.repeat(image, in_channels, axis=0)
+        return np.broadcast_to(image, (in_channels,) + image.shape[1:])
     if channels < in_channels:
         filler = np.zeros((in_channels - channels,) + image.shape[1:], dtype=image.dtype)
         return np.concatenate([image, filler], axis=0)
     return image[:in_channels]
+
+
+# Rows scaled at a time by normalize_percentile: the float64 arithmetic then
+# needs a few MB whatever the image size.
+NORMALIZE_ROWS = 256
 
 
 def normalize_percentile(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
@@ -90,21 +96,25 @@ def normalize_percentile(image: np.ndarray, low: float = 1.0, high: float = 99.8
 
     Non-finite pixels are ignored when computing the percentiles and set to 0
     afterwards. A channel whose two percentiles are equal (a constant image)
-    becomes all zeros, never NaN.
+    becomes all zeros, never NaN. Channels are converted to float32 one at a
+    time and scaled in bands of rows, so the only full-size array made is
+    the float32 result.
     """
-    image = np.asarray(image, dtype=np.float32)
-    result = np.zeros_like(image, dtype=np.float32)
+    image = np.asarray(image)
+    result = np.zeros(image.shape, dtype=np.float32)
     for c in range(image.shape[0]):
-        channel = image[c]
+        channel = image[c].astype(np.float32, copy=False)
         finite = np.isfinite(channel)
         if not finite.any():
             continue
         values = channel[finite] if not finite.all() else channel
         lo, hi = np.percentile(values, [low, high])
+        del values
         if not hi > lo:
             continue
-        scaled = (channel - lo) / (hi - lo)
-        result[c] = np.where(finite, scaled, 0.0)
+        for row in range(0, channel.shape[0], NORMALIZE_ROWS):
+            rows = slice(row, row + NORMALIZE_ROWS)
+            result[c, rows] = np.where(finite[rows], (channel[rows] - lo) / (hi - lo), 0.0)
     return result
 
 
@@ -145,7 +155,10 @@ def prepare_image(
     Returns
     -------
     numpy.ndarray, shape (in_channels, H, W), float32
-        Finite values; non-finite pixels become 0 with a warning.
+        Finite values; non-finite pixels become 0 with a warning. A grey
+        image read by a multi-channel network comes back as a read-only
+        view of one channel (see :func:`match_channels`); copy it before
+        writing to it.
     """
     normalization = normalization or {}
     kind = normalization.get("kind", "percentile")

@@ -61,8 +61,8 @@ def probabilities_to_labels(
         )
     if split_depth < 0:
         raise ValueError(f"split_depth is a distance in pixels, at least 0 (0 = no splitting), got {split_depth}")
-    interior = np.nan_to_num(probabilities[1], nan=0.0)
-    cell_mask = (interior + np.nan_to_num(probabilities[2], nan=0.0)) > 0.5
+    interior = _finite(probabilities[1])
+    cell_mask = (interior + _finite(probabilities[2])) > 0.5
     seed_mask = interior > prob_threshold
     if split_depth > 0:
         seeds = split_seeds(seed_mask, split_depth)
@@ -73,6 +73,11 @@ def probabilities_to_labels(
 
     labels = watershed(-interior, markers=seeds, mask=cell_mask | seed_mask)
     return remove_small(labels, min_size)
+
+
+def _finite(plane: np.ndarray) -> np.ndarray:
+    """Return ``plane``, or a copy with NaN set to 0 when it holds any (no copy for finite maps)."""
+    return plane if np.isfinite(plane).all() else np.nan_to_num(plane, nan=0.0)
 
 
 def split_seeds(seed_mask: np.ndarray, depth: float) -> np.ndarray:
@@ -113,18 +118,30 @@ def split_seeds(seed_mask: np.ndarray, depth: float) -> np.ndarray:
     peaks = local_maxima(raised, connectivity=2) & half
     markers, n_markers = ndi.label(peaks, structure=_EIGHT)
     split = watershed(-distance, markers=markers, mask=half)
-    height, width = seed_mask.shape
-    coarse = np.repeat(np.repeat(split, 2, axis=0), 2, axis=1)[:height, :width] * seed_mask
     # Seeds apart at full resolution may touch at half resolution and share a
     # coarse label, so each seed is one (full-resolution region, coarse label) pair.
     # A region too thin to survive the subsampling stays one seed. Pixels of a
     # split region that no coarse label reached are set to 0 and left to the final watershed.
-    regions, _ = ndi.label(seed_mask, structure=_EIGHT)
-    reached = np.zeros(regions.max() + 1, bool)
-    reached[regions[coarse > 0]] = True
-    pair = regions.astype(np.int64) * (n_markers + 1) + coarse
-    pair[reached[regions] & (coarse == 0)] = 0
-    seeds, _, _ = relabel_sequential(pair)
+    # The pairs are built for the seed pixels only (flat indices), which
+    # keeps the int64 arithmetic off the background.
+    regions, n_regions = ndi.label(seed_mask, structure=_EIGHT)
+    width = seed_mask.shape[1]
+    flat = np.flatnonzero(seed_mask)
+    rows, cols = np.divmod(flat, width)
+    coarse = split[rows // 2, cols // 2]
+    del rows, cols
+    region = regions.ravel()[flat]
+    del regions
+    reached = np.zeros(n_regions + 1, bool)
+    reached[region[coarse > 0]] = True
+    pair = region.astype(np.int64) * (n_markers + 1) + coarse
+    pair[reached[region] & (coarse == 0)] = 0
+    del region, coarse
+    # Every other pair is above 0, since seed pixels lie in regions 1..N. The
+    # sorted unique pairs are numbered in order, 0 staying 0.
+    values, index = np.unique(pair, return_inverse=True)
+    seeds = np.zeros(seed_mask.shape, np.int32)
+    seeds.ravel()[flat] = index if values[0] == 0 else index + 1
     unreached = seed_mask & (seeds == 0)
     if unreached.any():
         # The final watershed moves along edges only. Unreached pixels with no

@@ -12,9 +12,11 @@ import torch
 
 __all__ = [
     "Cancelled",
+    "axis_shares",
     "count_windows",
     "drive",
     "fitted_side",
+    "gaussian_axis",
     "gaussian_weights",
     "iter_predict_tiled",
     "mirrored_softmax",
@@ -165,21 +167,58 @@ def tile_to_device(tile: np.ndarray, device: torch.device | str) -> torch.Tensor
     return torch.from_numpy(array).unsqueeze(0).to(device)
 
 
-def gaussian_weights(height: int, width: int, sigma_scale: float = 0.125) -> np.ndarray:
-    """Return a (height, width) blending weight peaking at the window centre.
+def gaussian_axis(n: int, sigma_scale: float = 0.125) -> np.ndarray:
+    """Return the 1D blending weight of a window side of ``n`` pixels, peak 1.
 
-    The standard deviation is ``sigma_scale`` times each side. Weights are
-    clipped below at 1e-3 of the peak, so borders still count where only one
+    The standard deviation is ``sigma_scale`` times ``n``. Values are clipped
+    below at ``sqrt(1e-3)``, so the 2D weight (the outer product of two axes)
+    is at least 1e-3 of the peak and borders still count where only one
     window covers a pixel.
     """
-    def axis(n: int) -> np.ndarray:
-        sigma = max(n * sigma_scale, 1e-6)
-        coords = np.arange(n, dtype=np.float32) - (n - 1) / 2
-        return np.exp(-0.5 * (coords / sigma) ** 2)
+    sigma = max(n * sigma_scale, 1e-6)
+    coords = np.arange(n, dtype=np.float64) - (n - 1) / 2
+    axis = np.exp(-0.5 * (coords / sigma) ** 2)
+    return np.maximum(axis / axis.max(), math.sqrt(1e-3))
 
-    weights = np.outer(axis(height), axis(width))
-    weights /= weights.max()
-    return np.maximum(weights, 1e-3).astype(np.float32)
+
+def gaussian_weights(height: int, width: int, sigma_scale: float = 0.125) -> np.ndarray:
+    """Return a (height, width) float32 blending weight peaking at the window centre.
+
+    It is the outer product of two :func:`gaussian_axis` weights, so its
+    minimum is 1e-3 of the peak.
+    """
+    return np.outer(gaussian_axis(height, sigma_scale), gaussian_axis(width, sigma_scale)).astype(np.float32)
+
+
+def axis_shares(length: int, starts: list[int], side: int) -> list[np.ndarray]:
+    """Return each window's 1D weight divided by the sum of all windows' weights along one axis.
+
+    The windows form a grid and the 2D weight of a window is the product of
+    its row and column weights, so the sum over all windows at a pixel is the
+    product of the two axis sums. The share of window (i, j) at (y, x) is
+    therefore ``rows[i][y - y_i] * cols[j][x - x_j]``, and the shares at a
+    pixel add up to 1. This replaces a full-size weight-sum image (4 bytes
+    per pixel) by two vectors.
+
+    Parameters
+    ----------
+    length : int
+        Image side in pixels.
+    starts : list of int
+        Window starts along that side, from :func:`tile_starts`.
+    side : int
+        Window side in pixels.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One float64 vector of ``side`` values per start.
+    """
+    weight = gaussian_axis(side) if len(starts) > 1 else np.ones(side)
+    total = np.zeros(length)
+    for start in starts:
+        total[start:start + side] += weight
+    return [weight / total[start:start + side] for start in starts]
 
 
 # Axis sets of the four mirror images of a (1, C, h, w) window: as is,
@@ -237,31 +276,27 @@ def iter_predict_tiled(
         tile_h, tile_w = (fitted_side(side, tile_size, overlap, multiple) for side in (height, width))
     else:
         tile_h, tile_w = min(tile_size, height), min(tile_size, width)
-    windows = [
-        (y, x)
-        for y in tile_starts(height, tile_h, overlap)
-        for x in tile_starts(width, tile_w, overlap)
-    ]
-    if len(windows) > 1:
-        weights = gaussian_weights(tile_h, tile_w)
-    else:
-        weights = np.ones((tile_h, tile_w), np.float32)
+    starts_y = tile_starts(height, tile_h, overlap)
+    starts_x = tile_starts(width, tile_w, overlap)
+    shares_y = axis_shares(height, starts_y, tile_h)
+    shares_x = axis_shares(width, starts_x, tile_w)
+    windows = [(i, j) for i in range(len(starts_y)) for j in range(len(starts_x))]
 
-    # NOTE: these full-size accumulators make peak memory grow with the image
-    # (16 bytes per pixel for 3 classes); a memory-mapped file would keep it flat.
+    # The output is the only full-size array: each window adds its
+    # probabilities times its share of the blend (see axis_shares), so no
+    # weight image and no final division are needed.
     probabilities = np.zeros((num_classes, height, width), dtype=np.float32)
-    weight_sum = np.zeros((height, width), dtype=np.float32)
-    for index, (y, x) in enumerate(windows):
+    for index, (i, j) in enumerate(windows):
+        y, x = starts_y[i], starts_x[j]
         with torch.inference_mode(), torch.autocast(
             device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"
         ):
             tile = tile_to_device(image[:, y:y + tile_h, x:x + tile_w], device)
             tile_prob = mirrored_softmax(model, tile, mirror)[0].cpu().numpy()  # (K, tile_h, tile_w)
-        probabilities[:, y:y + tile_h, x:x + tile_w] += tile_prob * weights
-        weight_sum[y:y + tile_h, x:x + tile_w] += weights
+        tile_prob *= np.outer(shares_y[i], shares_x[j]).astype(np.float32)
+        probabilities[:, y:y + tile_h, x:x + tile_w] += tile_prob
         yield index + 1, len(windows)
 
-    probabilities /= weight_sum
     return probabilities
 
 

@@ -108,6 +108,11 @@ def save_checkpoint(path: str | os.PathLike, loaded: LoadedModel, extra: dict[st
 
 
 def _read_payload(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is a folder, not a checkpoint file; give the .pt file in it (a training run "
+            "writes best.pt and last.pt)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
