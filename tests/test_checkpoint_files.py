@@ -41,5 +41,14 @@ def test_folder_checkpoint_says_folder(tmp_path):
 def test_folder_model_says_folder(tmp_path):
     from napari_xlstm_unet.pretrained import resolve_model_path
 
-    with pytest.raises(FileNotFoundError, match="best.pt and last.pt"):
+    with pytest.raises(FileNotFoundError, match="such as the model.pt"):
         resolve_model_path(tmp_path)
+
+
+def test_image_file_gets_no_weights_only_advice():
+    from napari_xlstm_unet.pretrained import resolve_model_path
+
+    tiff = resolve_model_path("cells").parent.parent / "sample_data" / "nuclei_dsb2018.tif"
+    with pytest.raises(ValueError, match="Unsupported operand") as info:
+        load_checkpoint(tiff)
+    assert "weights_only" not in str(info.value)

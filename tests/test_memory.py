@@ -63,7 +63,18 @@ def test_two_window_shares_exact():
 
 def test_gaussian_corner_is_floor():
     weights = gaussian_weights(64, 64)
-    assert weights[0, 0] == pytest.approx(1e-3, rel=1e-6)
+    assert weights[0, 0] == pytest.approx(1e-6, rel=1e-6)
+
+
+def test_overlap_band_fades_across():
+    # 1,000 pixels in windows of 448 at 1/8 overlap: 3 windows, and the
+    # first two share pixels 392 to 447.
+    starts = tile_starts(1000, 448, 0.125)
+    first = axis_shares(1000, starts, 448)[0]
+    band = first[starts[1]:448]
+    assert np.all(np.diff(band) < 0)
+    assert band[0] > 0.85
+    assert band[-1] < 0.15
 
 
 def test_blended_output_is_the_only_full_size_array():
@@ -124,3 +135,4 @@ def test_seed_splitting_peak_memory():
     # Pairing every pixel's region and coarse label in int64 took about 40
     # bytes per pixel; pairing the seed pixels only takes about 25.
     assert peak < 32 * mask.size
+

@@ -112,7 +112,7 @@ def test_tile_starts_cover_and_end_at_edge():
 def test_gaussian_weights_peak_and_floor():
     weights = gaussian_weights(9, 9)
     assert weights[4, 4] == pytest.approx(1.0)
-    assert weights.min() >= 1e-3
+    assert weights.min() >= 1e-6
     assert weights.shape == (9, 9)
 
 
@@ -294,3 +294,19 @@ def test_small_tile_warns_with_training_patch(caplog):
     with caplog.at_level("WARNING", logger="napari_xlstm_unet.inference.predict"):
         segment_image(image, load_model("cells", device="cpu"), tile_size=192)
     assert "smaller than" not in caplog.text
+
+
+def test_complex_image_is_rejected():
+    from napari_xlstm_unet.inference.normalize import prepare_image
+
+    with pytest.raises(ValueError, match="complex values"):
+        prepare_image(np.ones((8, 8), np.complex64), 3)
+
+
+def test_nonfinite_warning_counts_pixels(caplog):
+    from napari_xlstm_unet.inference.normalize import prepare_image
+
+    image = np.ones((3, 4, 5), np.float32)
+    image[:, 0, 0] = np.nan  # one pixel, all three channels
+    prepare_image(image, 3)
+    assert "contains 1 non-finite pixels" in caplog.text

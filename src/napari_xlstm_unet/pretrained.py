@@ -58,8 +58,8 @@ def resolve_model_path(model: str | os.PathLike | None = None) -> Path:
     path = Path(model)
     if path.is_dir():
         raise FileNotFoundError(
-            f"model {str(model)!r} is a folder, not a checkpoint file; give the .pt file in it "
-            "(a training run writes best.pt and last.pt)"
+            f"model {str(model)!r} is a folder, not a checkpoint file; give a .pt file, such as "
+            "the model.pt a training run writes (the final model with tuned post-processing)"
         )
     if not path.is_file():
         raise FileNotFoundError(

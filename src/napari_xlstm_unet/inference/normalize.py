@@ -97,8 +97,10 @@ def normalize_percentile(image: np.ndarray, low: float = 1.0, high: float = 99.8
     Non-finite pixels are ignored when computing the percentiles and set to 0
     afterwards. A channel whose two percentiles are equal (a constant image)
     becomes all zeros, never NaN. Channels are converted to float32 one at a
-    time and scaled in bands of rows, so the only full-size array made is
-    the float32 result.
+    time and scaled in bands of rows: besides the float32 result, the
+    full-size arrays are those of one channel (its float32 copy, its finite
+    mask and the sorted copy ``numpy.percentile`` makes), about 3 planes of
+    4 bytes per pixel in all for a grey image.
     """
     image = np.asarray(image)
     result = np.zeros(image.shape, dtype=np.float32)
@@ -165,7 +167,13 @@ def prepare_image(
     if kind != "percentile":
         raise ValueError(f"unknown normalization kind {kind!r}; expected 'percentile'")
     channels = to_channels_first(image, has_alpha=has_alpha, channels_last=channels_last, axes=axes)
-    nonfinite = int(channels.size - np.isfinite(channels).sum()) \
+    if np.iscomplexobj(channels):
+        raise ValueError(
+            f"image {name or f'of shape {np.shape(image)}'} has complex values ({channels.dtype}); "
+            "expected real intensities. Take the magnitude (numpy.abs) or the real part first"
+        )
+    # A pixel counts once, however many of its channels are non-finite.
+    nonfinite = int(np.count_nonzero(~np.isfinite(channels).all(axis=0))) \
         if np.issubdtype(channels.dtype, np.floating) else 0
     if nonfinite:
         logger.warning(

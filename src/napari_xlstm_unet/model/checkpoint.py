@@ -107,11 +107,28 @@ def save_checkpoint(path: str | os.PathLike, loaded: LoadedModel, extra: dict[st
     return path
 
 
+def _load_error_detail(error: Exception) -> str:
+    """Return the line of a ``torch.load`` error that says what is wrong with the file.
+
+    For files that are not pickles of tensors (an image, random bytes),
+    PyTorch's message opens with advice to rerun with ``weights_only=False``,
+    which would not help here and would run code from the file. The line
+    naming the unpickling fault is kept instead.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return "no detail"
+    if "weights_only" in lines[0]:
+        faults = [line for line in lines[1:] if "weights_only" not in line and "error:" not in line]
+        return faults[0] if faults else "the file holds objects other than tensors"
+    return lines[0]
+
+
 def _read_payload(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise FileNotFoundError(
-            f"{path} is a folder, not a checkpoint file; give the .pt file in it (a training run "
-            "writes best.pt and last.pt)"
+            f"{path} is a folder, not a checkpoint file; give a .pt file, such as the model.pt a "
+            "training run writes (the final model with tuned post-processing)"
         )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
@@ -120,8 +137,7 @@ def _read_payload(path: Path) -> dict[str, Any]:
     except Exception as error:  # torch raises several types for corrupt files
         raise ValueError(
             f"{path} is not a readable napari-xlstm-unet checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); "
-            "choose a .pt file written by the training script"
+            f"{_load_error_detail(error)}); choose a .pt file written by the training script"
         ) from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
