@@ -14,13 +14,13 @@ from napari_xlstm_unet.metrics import match_instances
 from napari_xlstm_unet.pretrained import load_model
 
 # F1 measured with the shipped weights and post-processing (seed splitting
-# included): 0.771 on the dense sample (273 nuclei) and 0.775 on the
+# included): 0.763 on the dense sample (273 nuclei) and 0.868 on the
 # stained-tissue tile. The floors sit a little lower
 # to absorb numeric differences between machines, not model changes.
 SAMPLE_NAME = "dsb2018s1test_432f367a4c5b"
 SAMPLE_MIN_F1 = 0.75
 STAINED_NAME = "dsb2018s1train_5c6eb9a47852"
-STAINED_MIN_F1 = 0.75
+STAINED_MIN_F1 = 0.85
 CASES_TO_SCORE = [
     ("microscopy", SAMPLE_NAME, SAMPLE_MIN_F1),
     ("microscopy-extra", STAINED_NAME, STAINED_MIN_F1),
