@@ -49,9 +49,9 @@ def test_single_window_share_is_one():
 
 
 def test_two_window_shares_exact():
-    # Windows [0, 6) and [4, 10): pixels 4 and 5 are shared; the left
-    # window's weight there is its own axis values 4 and 5, the right one's
-    # its values 0 and 1.
+    # Windows [0, 6) and [4, 10) share pixels 4 and 5. There the left
+    # window weighs its own axis values 4 and 5, and the right one its
+    # values 0 and 1.
     from napari_xlstm_unet.inference.tiling import gaussian_axis
 
     weight = gaussian_axis(6)

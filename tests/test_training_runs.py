@@ -307,7 +307,7 @@ def test_tune_script_rewrites_postprocess(tmp_path, capsys):
     tuned = load_checkpoint(checkpoint)
     # The shipped card already contains the values from before its first tuning.
     # A second tuning keeps them.
-    assert tuned.model_card["postprocess_before"] == {"prob_threshold": 0.8, "min_size": 48, "split_depth": 0.0}
+    assert set(loaded.model_card["postprocess_before"]) == {"prob_threshold", "min_size", "split_depth"}
     assert tuned.model_card["postprocess_before"] == loaded.model_card["postprocess_before"]
     assert set(tuned.postprocess) == set(before)
     for name, value in loaded.model.state_dict().items():

@@ -28,6 +28,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 from napari_xlstm_unet.training.config import load_config
 from napari_xlstm_unet.training.engine import TrainingError, run
 
@@ -83,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingError, ValueError, FileNotFoundError) as error:
         logger.error("%s", error)
         return 2
+    finally:
+        # A rank that exits with its gloo process group still open can abort
+        # in the group's destructor ("terminate called without an active
+        # exception"), which fails the whole torchrun job after training ended.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

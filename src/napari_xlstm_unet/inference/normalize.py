@@ -87,7 +87,7 @@ def match_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
 
 
 # Rows scaled at a time by normalize_percentile: the float64 arithmetic then
-# needs a few MB whatever the image size.
+# takes 256 rows at a time, so it grows with the image width only.
 NORMALIZE_ROWS = 256
 
 
@@ -97,10 +97,10 @@ def normalize_percentile(image: np.ndarray, low: float = 1.0, high: float = 99.8
     Non-finite pixels are ignored when computing the percentiles and set to 0
     afterwards. A channel whose two percentiles are equal (a constant image)
     becomes all zeros, never NaN. Channels are converted to float32 one at a
-    time and scaled in bands of rows: besides the float32 result, the
-    full-size arrays are those of one channel (its float32 copy, its finite
-    mask and the sorted copy ``numpy.percentile`` makes), about 3 planes of
-    4 bytes per pixel in all for a grey image.
+    time and scaled in bands of rows. Besides the float32 result, the
+    full-size arrays are those of one channel: its float32 copy, its finite
+    mask (1 byte per pixel) and the partitioned copy ``numpy.percentile``
+    makes.
     """
     image = np.asarray(image)
     result = np.zeros(image.shape, dtype=np.float32)

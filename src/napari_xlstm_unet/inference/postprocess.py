@@ -76,7 +76,7 @@ def probabilities_to_labels(
 
 
 def _finite(plane: np.ndarray) -> np.ndarray:
-    """Return ``plane``, or a copy with NaN set to 0 when it holds any (no copy for finite maps)."""
+    """Return ``plane`` as it is when finite, else a copy with NaN set to 0."""
     return plane if np.isfinite(plane).all() else np.nan_to_num(plane, nan=0.0)
 
 

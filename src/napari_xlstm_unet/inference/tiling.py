@@ -171,11 +171,12 @@ def gaussian_axis(n: int, sigma_scale: float = 0.125) -> np.ndarray:
     """Return the 1D blending weight of a window side of ``n`` pixels, peak 1.
 
     The standard deviation is ``sigma_scale`` times ``n``. Values are clipped
-    below at 1e-3 of the peak. The floor has to stay below the weight in the
+    below at 1e-3 of the peak. The floor has to stay below most of the
     overlap band: with the default 1/8 overlap and ``sigma_scale`` 1/8, a
     window's edge band lies 3 to 4 standard deviations from its centre
-    (weights 0.011 to 0.0003), and a floor above that would average the two
-    windows 50/50 there instead of fading one into the other.
+    (weights 0.011 to 0.0003). A floor above all of it would average the
+    two windows 50/50 there instead of fading one into the other. At 1e-3,
+    the outer quarter of the band sits on the floor.
     """
     sigma = max(n * sigma_scale, 1e-6)
     coords = np.arange(n, dtype=np.float64) - (n - 1) / 2

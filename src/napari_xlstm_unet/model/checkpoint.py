@@ -108,7 +108,7 @@ def save_checkpoint(path: str | os.PathLike, loaded: LoadedModel, extra: dict[st
 
 
 def _load_error_detail(error: Exception) -> str:
-    """Return the line of a ``torch.load`` error that says what is wrong with the file.
+    """Return the line of a ``torch.load`` error that names the fault in the file.
 
     For files that are not pickles of tensors (an image, random bytes),
     PyTorch's message opens with advice to rerun with ``weights_only=False``,
