@@ -39,10 +39,8 @@ import statistics
 import subprocess
 import sys
 import time
-from importlib.resources import files
 
 import numpy as np
-import tifffile
 import torch
 
 from napari_xlstm_unet.inference.tiling import count_windows, fitted_side, predict_tiled
@@ -109,6 +107,7 @@ def speed_rows(args, gemm: float) -> list[dict]:
 
 def _memory_child(side: int, threads: int, mode: str) -> None:
     torch.set_num_threads(threads)
+    from napari_xlstm_unet._sample_data import nuclei_sample
     from napari_xlstm_unet.inference.predict import segment_image
     from napari_xlstm_unet.pretrained import load_model
 
@@ -117,7 +116,7 @@ def _memory_child(side: int, threads: int, mode: str) -> None:
     if mode == "segment":
         # The shipped nuclei sample (uint16, grey) repeated to the size: real
         # objects for the post-processing, which noise would not give.
-        sample = tifffile.imread(files("napari_xlstm_unet") / "sample_data" / "nuclei_dsb2018.tif")
+        sample = nuclei_sample()[0][0]
         reps = -(-side // min(sample.shape))
         image = np.ascontiguousarray(np.tile(sample, (reps, reps))[:side, :side])
     else:

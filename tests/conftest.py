@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the shared data and a tiny network for fast tests."""
+"""Shared fixtures: paths to the shared data, a tiny network and a pass-through model for fast tests."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("XLSTM_UNET_SHARED", REPO.parent / "shared"))
@@ -20,6 +21,13 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(
             f"shared data folder not found at {SHARED}; set XLSTM_UNET_SHARED to its path"
         )
+
+
+class LogModel(torch.nn.Module):
+    """Returns log(x), so softmax gives back an input that already sums to 1."""
+
+    def forward(self, x):
+        return torch.log(x)
 
 
 @pytest.fixture

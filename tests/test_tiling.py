@@ -9,7 +9,7 @@ import pytest
 import tifffile
 import torch
 
-from conftest import CASES
+from conftest import CASES, LogModel
 from napari_xlstm_unet.inference.predict import segment_image
 from napari_xlstm_unet.inference.tiling import (
     Cancelled,
@@ -22,13 +22,6 @@ from napari_xlstm_unet.inference.tiling import (
 from napari_xlstm_unet.metrics import match_instances
 from napari_xlstm_unet.model import build_model
 from napari_xlstm_unet.model.checkpoint import LoadedModel
-
-
-class LogModel(torch.nn.Module):
-    """Returns log(x), so softmax gives back an input that already sums to 1."""
-
-    def forward(self, x):
-        return torch.log(x)
 
 
 class ThresholdModel(torch.nn.Module):

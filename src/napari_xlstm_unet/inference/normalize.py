@@ -86,8 +86,8 @@ def match_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
     return image[:in_channels]
 
 
-# Rows scaled at a time by normalize_percentile: the float64 arithmetic then
-# takes 256 rows at a time, so it grows with the image width only.
+# Band height of normalize_percentile, in rows. Its float64 temporaries cover
+# one band, so they grow with the image width only.
 NORMALIZE_ROWS = 256
 
 

@@ -112,7 +112,7 @@ def _load_error_detail(error: Exception) -> str:
 
     For files that are not pickles of tensors (an image, random bytes),
     PyTorch's message opens with advice to rerun with ``weights_only=False``,
-    which would not help here and would run code from the file. The line
+    which would not help here and could run code from the file. The line
     naming the unpickling fault is kept instead.
     """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
